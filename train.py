@@ -1,0 +1,403 @@
+"""
+USI: "Solving ImageNet: a Unified Scheme for Training any Backbone to Top Results" (Ridnik et al., 2022).
+One fixed recipe plus vanilla knowledge distillation from a strong teacher, for any timm backbone.
+
+    python train.py --model resnet18 --data fashion-mnist --teacher none --img_size 32     # one process
+    torchrun --nproc_per_node=8 train.py --model resnet50 --data /path/to/imagenet         # 8 GPUs, DDP
+
+Every hyperparameter below is a constant equal to the paper's Table 1 (or the authors' public code where
+the paper is silent), and every one can be overridden: --batch_size 256, --batch_size=256, --batch-size 256.
+Importing this file runs nothing: bench.py and the tests reuse its pieces.
+"""
+import argparse
+import contextlib
+import gzip
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, create_transform
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import datasets, transforms
+
+from distill import chance_threshold, kd_loss, load_teacher, prepare_teacher
+
+# -----------------------------------------------------------------------------
+# model and data
+MODEL = 'resnet50'                # student backbone, any timm name (paper: "any backbone")
+DATA = ''                         # ImageFolder root with train/ and val/, or 'fashion-mnist' / 'cifar10'
+DATA_DIR = './data'               # where torchvision datasets are downloaded / found
+TRAIN_SUBSET = 0                  # train on a fixed random subset of this many images (0: all); for CPU runs
+IMG_SIZE = 224                    # train and test resolution (Table 1: 224 / 224)
+TEST_CROP_RATIO = 0.95            # eval: resize short side to round(224 / 0.95), center-crop 224 (Table 1)
+# teacher and KD
+TEACHER = 'tresnet_v2_l'          # TResNet-L, 83.9% top-1 (Table 1); 'none' trains without KD
+TEACHER_CHECKPOINT = ''           # local teacher weights (timm checkpoint or train.py's best.pt); '' = hub
+ALPHA_KD = 5.0                    # KD weight (Table 1, ablated in Table 6); 'inf' = teacher only, no CE
+KD_TAU = 1.0                      # KD temperature (Table 1, ablated in Table 7)
+# optimization
+EPOCHS = 300                      # Table 1
+BATCH_SIZE = 1024                 # global batch, split over processes (Table 1: 512 to 3456)
+LR = 2e-3                         # peak one-cycle lr, not scaled with the batch (Table 1)
+WEIGHT_DECAY = 2e-2               # AdamW decoupled decay (Table 1), on weights only, not biases or norms
+PCT_START = 0.2                   # share of the one-cycle spent rising (authors' public code)
+EMA_DECAY = 0.99996               # per-step EMA of the weights (authors' public code), with a warmup
+# augmentation
+RAND_AUGMENT = 'rand-m7-mstd0.5-inc1'  # RandAugment m7, mstd 0.5 (Table 1; 'inc1' from the authors' code)
+MIXUP = 0.8                       # mixup alpha (Table 1)
+CUTMIX = 1.0                      # cutmix alpha (Table 1); one of the two per batch, probability 0.5 each
+AUG_REPEATS = 3                   # repeated augmentation (Table 1): each chosen image 3x per epoch
+# system
+WORKERS = min(8, os.cpu_count())  # data-loading processes per training process
+COMPILE = True                    # torch.compile the student and teacher (CUDA only)
+EVAL_EVERY = 1                    # validate every N epochs (and always after the last)
+LOG_EVERY = 50                    # print a line every N steps
+OUT_DIR = 'out'                   # log.jsonl, last.pt, best.pt
+RESUME = False                    # continue from OUT_DIR/last.pt
+SEED = 0                          # base seed; rank r uses SEED + r
+CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str))]
+# must be > 0 (>= 0 for the rest): a bad value is stopped here, not 300 epochs later
+POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY', 'AUG_REPEATS',
+            'TEST_CROP_RATIO'}
+
+
+def parse_bool(s):
+    if s.lower() in ('1', 'true', 'yes', 'on'):
+        return True
+    if s.lower() in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got '{s}'")
+
+
+def get_config(argv):
+    """The constants above, overridden by argv; returns a namespace with lowercase names."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1], allow_abbrev=False)
+    parser.error = lambda msg: sys.exit(f"train.py: error: {msg}")  # one line, not usage + error
+    for key in CONFIG_KEYS:
+        default, name = globals()[key], key.lower()
+        flags = sorted({f'--{name}', f"--{name.replace('_', '-')}"})
+        if isinstance(default, bool):  # bare --resume, or --resume=1 / --compile 0
+            parser.add_argument(*flags, dest=name, type=parse_bool, nargs='?', const=True, default=default)
+        else:
+            parser.add_argument(*flags, dest=name, type=type(default), default=default)
+    cfg = parser.parse_args(argv)
+    for key in CONFIG_KEYS:
+        value = getattr(cfg, key.lower())
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value) or value < 0 or (key in POSITIVE and value == 0):
+                parser.error(f"--{key.lower()} must be {'> 0' if key in POSITIVE else '>= 0'}, got {value}")
+    if not cfg.data:
+        parser.error("--data is required: an ImageFolder root with train/ and val/, fashion-mnist or cifar10")
+    if cfg.teacher.lower() == 'none':
+        if math.isinf(cfg.alpha_kd):
+            parser.error("--alpha_kd inf trains on the teacher alone; it needs a --teacher")
+        cfg.teacher, cfg.alpha_kd = 'none', 0.0
+    return cfg
+
+
+class Fail(Exception):
+    """A bad input or state: main() prints its message as one line and exits non-zero, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def fashion_mnist_from_debian(root):
+    """Unpack Debian's dataset-fashion-mnist into the layout torchvision reads, so no download is needed.
+    (The Debian files are recompressed, so torchvision's own download/checksum path cannot use them.)"""
+    src, raw = '/usr/share/datasets/fashion-mnist', os.path.join(root, 'FashionMNIST', 'raw')
+    names = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
+    if all(os.path.exists(os.path.join(raw, n)) for n in names) or not os.path.isdir(src):
+        return
+    os.makedirs(raw, exist_ok=True)
+    for n in names:
+        with gzip.open(os.path.join(src, n + '.gz')) as f, open(os.path.join(raw, n + '.tmp'), 'wb') as out:
+            shutil.copyfileobj(f, out)
+        os.replace(os.path.join(raw, n + '.tmp'), os.path.join(raw, n))
+
+
+def to_rgb(img):
+    return img.convert('RGB')  # grayscale datasets become 3-channel, as every timm backbone expects
+
+
+def make_datasets(cfg, mean, std):
+    """(train_set, val_set, num_classes) with the USI train transform and the 0.95-crop eval transform."""
+    train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.rand_augment,
+                                interpolation='bicubic', scale=(0.08, 1.0), hflip=0.5, mean=mean, std=std)
+    val_tf = transforms.Compose([
+        transforms.Resize(round(cfg.img_size / cfg.test_crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(cfg.img_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    if cfg.data in ('fashion-mnist', 'cifar10'):
+        builder = datasets.FashionMNIST if cfg.data == 'fashion-mnist' else datasets.CIFAR10
+        if cfg.data == 'fashion-mnist':
+            fashion_mnist_from_debian(cfg.data_dir)
+            train_tf, val_tf = (transforms.Compose([to_rgb, t]) for t in (train_tf, val_tf))
+        try:
+            train_set = builder(cfg.data_dir, train=True, transform=train_tf, download=True)
+            val_set = builder(cfg.data_dir, train=False, transform=val_tf, download=True)
+        except Exception as e:
+            raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir}: {str(e).splitlines()[0]}")
+    else:
+        for split in ('train', 'val'):
+            if not os.path.isdir(os.path.join(cfg.data, split)):
+                raise Fail(f"--data {cfg.data}: no {split}/ folder (expected an ImageFolder root with train/ and val/)")
+        try:
+            train_set = datasets.ImageFolder(os.path.join(cfg.data, 'train'), transform=train_tf)
+            val_set = datasets.ImageFolder(os.path.join(cfg.data, 'val'), transform=val_tf)
+        except (FileNotFoundError, OSError) as e:
+            raise Fail(f"--data {cfg.data}: {str(e).split('. Supported')[0]}")
+        if train_set.classes != val_set.classes:
+            raise Fail(f"--data {cfg.data}: train/ has {len(train_set.classes)} classes, val/ has "
+                       f"{len(val_set.classes)}, and they must be the same folders")
+    if cfg.train_subset and cfg.train_subset < len(train_set):
+        subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:cfg.train_subset]
+        train_set = torch.utils.data.Subset(train_set, subset.tolist())
+    return train_set, val_set, len(val_set.classes)
+
+
+# -----------------------------------------------------------------------------
+# the pieces of one training step (bench.py and the tests use these too)
+
+def make_mixup(cfg, num_classes):
+    """Batch-wise mixup (alpha 0.8) or cutmix (alpha 1.0), one of the two per batch, no label smoothing:
+    KD replaces label smoothing (Table 1). correct_lam makes cutmix's lambda the pasted box's true area."""
+    if cfg.mixup == 0 and cfg.cutmix == 0:
+        return lambda x, y: (x, torch.nn.functional.one_hot(y, num_classes).float())
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=0.5, mode='batch',
+                 correct_lam=True, label_smoothing=0.0, num_classes=num_classes)
+
+
+def make_optimizer(model, cfg, total_steps):
+    """AdamW with no decay on biases and norm parameters; one-cycle lr stepped every iteration, peak LR.
+
+    The lr is not scaled with the batch: the paper trains 512 to 3456 with the same 2e-3. OneCycleLR also
+    cycles Adam's beta1 (0.85-0.95), as in the authors' code, which uses torch's defaults.
+    """
+    params = param_groups_weight_decay(model, cfg.weight_decay)
+    fused = next(model.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                                    pct_start=cfg.pct_start)
+    return optimizer, scheduler
+
+
+def train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, cfg, autocast):
+    """One USI step: mix, teacher and student forward, CE + alpha_kd * KD, backward, AdamW, lr step.
+    Returns the detached (ce, kd) losses; reading them syncs the device, so the loop does it rarely."""
+    images, mixed_target = mixup_fn(images, labels)
+    # The teacher sees exactly the student's mixed batch: its soft labels then describe the image the
+    # student is actually shown, including the mixed-in one, instead of a mixup of two clean predictions.
+    teacher_logits = teacher(images) if teacher is not None else None
+    with autocast:
+        student_logits = model(images)
+    ce = SoftTargetCrossEntropy()(student_logits.float(), mixed_target)
+    kd = kd_loss(student_logits, teacher_logits, cfg.kd_tau) if teacher is not None else torch.zeros_like(ce)
+    loss = kd if math.isinf(cfg.alpha_kd) else ce + cfg.alpha_kd * kd
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return ce.detach(), kd.detach()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, ddp):
+    """(top-1, top-5) in percent over the whole loader, summed over ranks (each holds its own shard)."""
+    model.eval()
+    stats = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        stats += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+    if ddp:
+        dist.all_reduce(stats)
+    return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item()
+
+
+def save_checkpoint(state, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a truncated checkpoint at `path`."""
+    tmp = path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = get_config(argv)
+    # setup: DDP from torchrun's environment, else one process
+    ddp = 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1
+    on_cuda = torch.cuda.is_available()
+    rank, local_rank, world = 0, 0, 1
+    if ddp:
+        rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+        if on_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group('nccl' if on_cuda else 'gloo')
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device = torch.device(f'cuda:{local_rank}' if on_cuda else 'cpu')
+    torch.manual_seed(cfg.seed + rank)  # different augmentations per rank; DDP broadcasts rank 0's weights
+    if cfg.batch_size % world:
+        raise Fail(f"--batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    batch = cfg.batch_size // world
+    if batch % 2 and (cfg.mixup or cfg.cutmix):
+        raise Fail(f"per-process batch {batch} is odd; mixup/cutmix pair images, so it must be even")
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    use_compile = cfg.compile and on_cuda  # on CPU compile costs minutes of C++ builds for little gain
+    log(f"config: {json.dumps(vars(cfg))}\nprocesses: {world}, device: {device}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # model: the student, normalized the way its own timm config says
+    if not timm.is_model(cfg.model):
+        raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
+    data_cfg = timm.get_pretrained_cfg(cfg.model)
+    mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+    # data
+    train_set, val_set, num_classes = make_datasets(cfg, mean, std)
+    # timm's sampler with selected_round=0: its default rounding to 256 would drop up to 255 images a
+    # rank (all of them on a dataset under 256); with 0 an epoch is exactly one dataset long.
+    train_sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=cfg.aug_repeats,
+                                     selected_round=0)
+    loader_args = dict(num_workers=cfg.workers, pin_memory=on_cuda, persistent_workers=cfg.workers > 0)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=train_sampler,
+                                               drop_last=True, **loader_args)
+    # validation shards are disjoint and uneven (no padding, no duplicates): evaluate() sums the counts
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch, **loader_args)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise Fail(f"{len(train_sampler)} training images per process are fewer than the batch of {batch}")
+    total_steps = cfg.epochs * steps_per_epoch
+    log(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
+        f"{steps_per_epoch} steps of {batch} x {world} per epoch")
+
+    model = timm.create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    # teacher: loaded, prepared, and checked on the validation set before a single step is spent
+    teacher = None
+    if cfg.teacher != 'none':
+        try:
+            teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes)
+            teacher = prepare_teacher(teacher, mean, std, device, compile=use_compile)
+        except ValueError as e:
+            raise Fail(str(e))
+        teacher_top1, teacher_top5 = evaluate(teacher, val_loader, device, contextlib.nullcontext(), ddp)
+        log(f"teacher: {cfg.teacher}, val top-1 {teacher_top1:.2f}%, top-5 {teacher_top5:.2f}%")
+        if teacher_top1 < chance_threshold(num_classes):
+            raise Fail(f"teacher {cfg.teacher} scores {teacher_top1:.2f}% top-1 on this validation set, near "
+                       f"chance ({100 / num_classes:.2f}%): its weights did not load or fit this dataset")
+
+    # resume: same weights, EMA, optimizer moments, lr-schedule step and sampler epoch
+    start_epoch, step, best = 0, 0, {'top1': -1.0, 'epoch': 0}
+    last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
+    if cfg.resume and not os.path.exists(last_path):
+        log(f"resume: no {last_path} yet, starting fresh")
+    elif cfg.resume:
+        ckpt = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt['model'])
+        ema.module.load_state_dict(ckpt['ema'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        start_epoch, step, best = ckpt['epoch'], ckpt['step'], ckpt['best']
+        log(f"resume: {last_path} at epoch {start_epoch}, step {step}")
+
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if on_cuda else None)
+    mixup_fn = make_mixup(cfg, num_classes)
+
+    # training loop
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        train_sampler.set_epoch(epoch)
+        loss_sum, t_epoch, images_seen = torch.zeros(2, device=device), time.time(), 0
+        t_log, step_log = time.time(), step
+        for i, (images, labels) in enumerate(train_loader):
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            ce, kd = train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, cfg, autocast)
+            step += 1
+            ema.update(raw_model, step=step)
+            loss_sum += torch.stack([ce, kd])
+            images_seen += len(images) * world
+            if step % cfg.log_every == 0 and master:
+                speed = (step - step_log) * batch * world / (time.time() - t_log)
+                eta = (time.time() - t_start) / (step - start_epoch * steps_per_epoch) * (total_steps - step)
+                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} ce {ce.item():.4f} kd {kd.item():.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s eta {eta / 60:.1f} min")
+                t_log, step_log = time.time(), step
+        img_per_sec = images_seen / (time.time() - t_epoch)
+        ce_mean, kd_mean = (loss_sum / steps_per_epoch).tolist()
+        train_loss = kd_mean if math.isinf(cfg.alpha_kd) else ce_mean + cfg.alpha_kd * kd_mean
+        record = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss, 'train_ce': ce_mean,
+                  'train_kd': kd_mean, 'lr': scheduler.get_last_lr()[0], 'img_per_sec': img_per_sec}
+
+        # validate raw and EMA weights; the better of the two is what counts and what best.pt keeps
+        raw_better = True
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            # not through DDP: its per-forward buffer broadcast would hang on the uneven validation shards
+            top1, top5 = evaluate(model.module if ddp else model, val_loader, device, autocast, ddp)
+            ema_top1, ema_top5 = evaluate(ema.module, val_loader, device, autocast, ddp)
+            raw_better = top1 >= ema_top1
+            record.update(val_top1=top1, val_top5=top5, ema_top1=ema_top1, ema_top5=ema_top5)
+            if max(top1, ema_top1) > best['top1']:
+                best = {'top1': max(top1, ema_top1), 'epoch': epoch + 1, 'weights': 'raw' if raw_better else 'ema'}
+        record['elapsed_s'] = time.time() - t_start
+        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != 'epoch'))
+        if master:
+            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            raw_state, ema_state = raw_model.state_dict(), ema.module.state_dict()
+            state = {'model': raw_state, 'ema': ema_state, 'optimizer': optimizer.state_dict(),
+                     'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'step': step, 'best': best,
+                     'config': vars(cfg), 'num_classes': num_classes,
+                     # what timm.create_model(..., checkpoint_path=) loads: the better of raw and EMA
+                     'state_dict': raw_state if raw_better else ema_state}
+            save_checkpoint(state, last_path)
+            if best['epoch'] == epoch + 1:
+                shutil.copyfile(last_path, best_path + '.tmp')
+                os.replace(best_path + '.tmp', best_path)
+
+    if ddp:  # DDP keeps replicas bitwise equal; check it, since a silent desync would waste the run
+        sums = torch.stack([sum(p.double().sum() for p in raw_model.parameters()),
+                            sum(p.double().square().sum() for p in raw_model.parameters())]).to(device)
+        gathered = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(gathered, sums)
+        in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+        log(f"weights identical across {world} ranks: {in_sync}")
+        dist.destroy_process_group()
+        if not in_sync:
+            raise Fail("the ranks' weights differ at the end of training")
+    log(f"best val top-1 {best['top1']:.2f}% (epoch {best['epoch']})")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except Fail as e:
+        sys.exit(f"train.py: error: {e}")
