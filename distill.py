@@ -48,11 +48,13 @@ def load_teacher(name, checkpoint=None, num_classes=1000):
         if head in state and state[head].shape[0] != num_classes:
             raise ValueError(f"teacher checkpoint {checkpoint} has {state[head].shape[0]} classes, "
                              f"the dataset has {num_classes}")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"teacher checkpoint {checkpoint} does not fit model '{name}': "
-                             f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}")
+        own = model.state_dict()
+        bad = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+               + [f"wrong shape {k}" for k in own if k in state and state[k].shape != own[k].shape])
+        if bad:
+            raise ValueError(f"teacher checkpoint {checkpoint} does not fit model '{name}': {len(bad)} "
+                             f"mismatched tensors ({bad[0]}, ...)")
+        model.load_state_dict(state)
         return model
     try:
         model = timm.create_model(name, pretrained=True)

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -69,6 +70,8 @@ CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstan
 # must be > 0 (>= 0 for the rest): a bad value is stopped here, not 300 epochs later
 POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY', 'AUG_REPEATS',
             'TEST_CROP_RATIO'}
+# what --resume must find unchanged: they fix the model, the data and the length of the lr schedule
+RECIPE_KEYS = ['model', 'data', 'train_subset', 'epochs', 'batch_size']
 
 
 def parse_bool(s):
@@ -165,6 +168,13 @@ def make_datasets(cfg, mean, std):
     return train_set, val_set, len(val_set.classes)
 
 
+def make_train_sampler(train_set, aug_repeats, world, rank):
+    """Repeated augmentation: each chosen image appears aug_repeats times per epoch, consecutive copies on
+    different ranks, and an epoch stays one dataset long. timm's sampler with selected_round=0: its default
+    rounds the epoch down to a multiple of 256 images, dropping up to 255 a rank (all, on tiny data)."""
+    return RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=aug_repeats, selected_round=0)
+
+
 # -----------------------------------------------------------------------------
 # the pieces of one training step (bench.py and the tests use these too)
 
@@ -250,7 +260,6 @@ def main(argv):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = torch.device(f'cuda:{local_rank}' if on_cuda else 'cpu')
-    torch.manual_seed(cfg.seed + rank)  # different augmentations per rank; DDP broadcasts rank 0's weights
     if cfg.batch_size % world:
         raise Fail(f"--batch_size {cfg.batch_size} is not divisible by the {world} processes")
     batch = cfg.batch_size // world
@@ -273,10 +282,7 @@ def main(argv):
 
     # data
     train_set, val_set, num_classes = make_datasets(cfg, mean, std)
-    # timm's sampler with selected_round=0: its default rounding to 256 would drop up to 255 images a
-    # rank (all of them on a dataset under 256); with 0 an epoch is exactly one dataset long.
-    train_sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=cfg.aug_repeats,
-                                     selected_round=0)
+    train_sampler = make_train_sampler(train_set, cfg.aug_repeats, world, rank)
     loader_args = dict(num_workers=cfg.workers, pin_memory=on_cuda, persistent_workers=cfg.workers > 0)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=train_sampler,
                                                drop_last=True, **loader_args)
@@ -290,6 +296,7 @@ def main(argv):
     log(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
         f"{steps_per_epoch} steps of {batch} x {world} per epoch")
 
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = timm.create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
@@ -316,6 +323,11 @@ def main(argv):
         log(f"resume: no {last_path} yet, starting fresh")
     elif cfg.resume:
         ckpt = torch.load(last_path, map_location=device, weights_only=True)
+        changed = [f"--{k} {ckpt['config'][k]} -> {getattr(cfg, k)}" for k in RECIPE_KEYS
+                   if ckpt['config'].get(k) != getattr(cfg, k)]
+        if changed:  # a different schedule or model is a different run, not a continuation
+            raise Fail(f"{last_path} was trained with another recipe ({', '.join(changed)}); "
+                       f"resume with the same flags or use another --out_dir")
         model.load_state_dict(ckpt['model'])
         ema.module.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -329,6 +341,9 @@ def main(argv):
     if ddp:
         model = DistributedDataParallel(model, device_ids=[local_rank] if on_cuda else None)
     mixup_fn = make_mixup(cfg, num_classes)
+    # different augmentations and mixing per rank (timm's Mixup draws from numpy, the loaders from torch)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
 
     # training loop
     t_start = time.time()

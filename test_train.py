@@ -1,0 +1,380 @@
+"""Tests for train.py and distill.py: CPU only, offline, on data they generate. Run: python -m pytest -q"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+from PIL import Image
+
+import train
+from distill import fuse_bn, kd_loss, load_teacher, prepare_teacher
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+FAST = ['--img_size', '32', '--batch_size', '32', '--workers', '1', '--log_every', '5']
+
+
+def run_train(*args, check=True, launcher=(sys.executable,)):
+    proc = subprocess.run([*launcher, os.path.join(HERE, 'train.py'), *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=HERE, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def make_image_folder(root, train_per_class=100, val_per_class=10, size=32, seed=0):
+    """Four visually distinct classes (stripes two ways, checkerboard, disc) in random colours, as PNGs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    patterns = {'hstripes': (yy // 4) % 2 == 0, 'vstripes': (xx // 4) % 2 == 0,
+                'checker': ((yy // 8) + (xx // 8)) % 2 == 0,
+                'disc': (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2}
+    for split, n in (('train', train_per_class), ('val', val_per_class)):
+        for name, mask in patterns.items():
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                img = np.where(mask[..., None], rng.integers(0, 256, 3), rng.integers(0, 256, 3))
+                img = (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(root, split, name, f'{i}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='session')
+def teacher_run(tiny_data, tmp_path_factory):
+    """A teacher trained from scratch with the full recipe and --teacher none."""
+    out = str(tmp_path_factory.mktemp('teacher'))
+    proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--epochs', 12,
+                     '--out_dir', out, *FAST)
+    return out, proc.stdout
+
+
+# ---------------------------------------------------------------- kd_loss
+
+def test_kd_loss_matches_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    for tau in (1.0, 2.0, 5.0):
+        per_sample = []
+        for si, ti in zip(s.tolist(), t.tolist()):
+            ps = [math.exp(v / tau) / sum(math.exp(u / tau) for u in si) for v in si]
+            pt = [math.exp(v / tau) / sum(math.exp(u / tau) for u in ti) for v in ti]
+            per_sample.append(sum(b * math.log(b / a) for a, b in zip(ps, pt)))
+        expected = tau ** 2 * sum(per_sample) / len(per_sample)  # tau^2 factor, mean over the batch
+        assert kd_loss(s, t, tau).item() == pytest.approx(expected, rel=1e-5)
+    # batch averaging: duplicating the batch changes nothing; the loss is not summed over samples
+    assert kd_loss(torch.cat([s, s]), torch.cat([t, t])).item() == pytest.approx(kd_loss(s, t).item(), rel=1e-6)
+    assert kd_loss(s, s).item() == pytest.approx(0.0, abs=1e-7)
+    assert kd_loss(s, s + 3.0).item() == pytest.approx(0.0, abs=1e-6)  # softmax is shift invariant
+    assert kd_loss(s.bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- teacher preparation
+
+@pytest.mark.parametrize('name', ['torchvision_resnet18', 'test_efficientnet', 'tresnet_m'])
+def test_fuse_bn_keeps_outputs(name):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10) if name.startswith('torchvision') \
+        else timm.create_model(name, num_classes=10)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics, so folding them really changes the weights
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64) * 2 + 0.5)
+    model.eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        had_bn_act = any(type(m).__name__ == 'BatchNormAct2d' for m in model.modules())
+        model, count = fuse_bn(model)
+        after = model(x)
+    assert count > 0
+    assert (before - after).abs().max().item() < 1e-4
+    left = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(left) == 0, f"{len(left)} BatchNorms were not folded"
+    if name != 'torchvision_resnet18':
+        assert had_bn_act  # the timm models exercise BatchNormAct2d, whose activation must survive
+
+
+class InputRecorder(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.pretrained_cfg = {'mean': mean, 'std': std, 'input_size': (3, 8, 8)}
+        self.linear = nn.Linear(3, 5)
+
+    def forward(self, x):
+        self.seen = x
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize('teacher_mean,teacher_std', [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+                                                      ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def test_prepare_teacher_converts_normalization(teacher_mean, teacher_std):
+    student_mean, student_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    raw = torch.rand(2, 3, 8, 8)  # pixels in [0, 1]
+    mean = lambda m: torch.tensor(m).view(1, 3, 1, 1)
+    student_input = (raw - mean(student_mean)) / mean(student_std)
+    recorder = InputRecorder(teacher_mean, teacher_std)
+    teacher = prepare_teacher(recorder, student_mean, student_std)
+    logits = teacher(student_input)
+    expected = (raw - mean(teacher_mean)) / mean(teacher_std)
+    assert torch.allclose(recorder.seen, expected, atol=1e-5)
+    assert logits.dtype == torch.float32 and not logits.requires_grad
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.model.training
+
+
+def test_load_teacher_errors(tmp_path, monkeypatch):
+    path = str(tmp_path / 'teacher.pt')
+    torch.save(timm.create_model('resnet10t', num_classes=7).state_dict(), path)
+    assert load_teacher('resnet10t', path, num_classes=7).num_classes == 7
+    with pytest.raises(ValueError, match='has 7 classes, the dataset has 4'):
+        load_teacher('resnet10t', path, num_classes=4)
+    with pytest.raises(ValueError, match='does not fit model'):
+        load_teacher('resnet18', path, num_classes=7)
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError('network is unreachable')
+        return timm.create_model(*args, **kwargs)
+    monkeypatch.setattr('distill.timm.create_model', offline)
+    with pytest.raises(ValueError, match='--teacher_checkpoint PATH or --teacher none'):
+        load_teacher('resnet10t', None, num_classes=1000)
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_spellings_and_errors():
+    base = ['--data', 'x']
+    assert train.get_config(base).batch_size == train.BATCH_SIZE == 1024
+    for spelling in (['--batch_size', '256'], ['--batch_size=256'], ['--batch-size', '256'], ['--batch-size=256']):
+        assert train.get_config(base + spelling).batch_size == 256
+    assert train.get_config(base + ['--resume']).resume is True
+    assert train.get_config(base + ['--resume=1']).resume is True
+    assert train.get_config(base + ['--compile', '0']).compile is False
+    assert math.isinf(train.get_config(base + ['--alpha_kd', 'inf']).alpha_kd)
+    assert train.get_config(base + ['--teacher', 'none']).alpha_kd == 0
+    for bad, says in ((['--epochs', '-1'], 'epochs must be > 0'), (['--epochs', 'x'], 'invalid int'),
+                      (['--no_such_flag', '1'], 'unrecognized'), (['--compile', 'maybe'], 'expected 0/1'),
+                      (['--teacher', 'none', '--alpha_kd', 'inf'], 'needs a --teacher')):
+        with pytest.raises(SystemExit, match=says):
+            train.get_config(base + bad)
+    with pytest.raises(SystemExit, match='--data is required'):
+        train.get_config([])
+
+
+def test_constants_equal_the_paper():
+    cfg = train.get_config(['--data', 'x'])
+    assert (cfg.img_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.alpha_kd, cfg.kd_tau) == (224, 300, 2e-3, 2e-2, 5, 1)
+    assert (cfg.mixup, cfg.cutmix, cfg.aug_repeats, cfg.test_crop_ratio) == (0.8, 1.0, 3, 0.95)
+    assert (cfg.teacher, cfg.rand_augment) == ('tresnet_v2_l', 'rand-m7-mstd0.5-inc1')
+
+
+# ---------------------------------------------------------------- mixup / cutmix and the train step
+
+def test_mixup_cutmix_targets_and_box_area():
+    cfg = train.get_config(['--data', 'x'])
+    mixup_fn = train.make_mixup(cfg, num_classes=10)
+    np.random.seed(0)
+    seen_cutmix = seen_mixup = 0
+    for _ in range(40):
+        labels = torch.arange(8)
+        # image i is constant i: a pixel's value says which image it came from
+        images = labels.float().view(8, 1, 1, 1).expand(8, 3, 32, 32).clone()
+        mixed, target = mixup_fn(images, labels)
+        assert torch.allclose(target.sum(1), torch.ones(8))
+        lam = target[0, 0].item()  # image 0 is mixed with image 7 (the batch flipped)
+        assert target[0, 7].item() == pytest.approx(1 - lam, abs=1e-6)
+        values = mixed[0].unique()
+        if len(values) == 2 or lam == 1.0:  # cutmix: a box of image 7 pasted into image 0
+            seen_cutmix += 1
+            pasted = (mixed[0, 0] == 7).float().mean().item()
+            assert pasted == pytest.approx(1 - lam, abs=1e-6)  # lambda is the box's true area
+        else:  # mixup: every pixel is lam * 0 + (1 - lam) * 7
+            seen_mixup += 1
+            assert torch.allclose(mixed[0], torch.full_like(mixed[0], 7 * (1 - lam)), atol=1e-5)
+    assert seen_cutmix > 5 and seen_mixup > 5  # switch probability 0.5
+
+
+class Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 4)
+
+    def forward(self, x):
+        self.seen = x.clone()
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+def test_teacher_sees_the_students_mixed_batch():
+    cfg = train.get_config(['--data', 'x', '--alpha_kd', '5'])
+    student, teacher = Recorder(), Recorder()
+    optimizer, scheduler = train.make_optimizer(student, cfg, total_steps=10)
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    original = images.clone()
+    ce, kd = train.train_step(student, teacher, images, labels, train.make_mixup(cfg, 4), optimizer, scheduler,
+                              cfg, torch.autocast('cpu', enabled=False))
+    assert torch.equal(teacher.seen, student.seen)
+    assert not torch.equal(student.seen, original)  # what both saw was mixed
+    assert ce.item() > 0 and kd.item() > 0
+
+
+def test_weight_decay_skips_biases_and_norms():
+    cfg = train.get_config(['--data', 'x'])
+    model = timm.create_model('resnet10t', num_classes=4)
+    optimizer, _ = train.make_optimizer(model, cfg, total_steps=10)
+    for group in optimizer.param_groups:
+        assert group['weight_decay'] == (cfg.weight_decay if all(p.ndim > 1 for p in group['params']) else 0.0)
+    assert {g['weight_decay'] for g in optimizer.param_groups} == {0.0, cfg.weight_decay}
+
+
+# ---------------------------------------------------------------- sampler and schedule
+
+@pytest.mark.parametrize('n', [1, 5, 10, 300, 1000])
+def test_repeated_augmentation_sampler(n):
+    data = list(range(n))
+    single = list(train.make_train_sampler(data, 3, world=1, rank=0))
+    assert len(single) == n  # an epoch stays one dataset long, also under 256 images
+    counts = sorted(np.bincount(single)[np.bincount(single) > 0])
+    assert set(counts[1:]) <= {3}  # every chosen image 3 times, but the last one, which may be cut off
+    ranks = [train.make_train_sampler(data, 3, world=2, rank=r) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(0)
+    both = [list(s) for s in ranks]
+    assert len(both[0]) == len(both[1]) == math.ceil(n / 2)
+    if n >= 3:  # consecutive copies of an image go to different ranks
+        first = both[0][0]
+        assert first in both[1]
+    merged = np.bincount(both[0] + both[1], minlength=n)
+    assert merged.max() <= 3
+    ranks[0].set_epoch(1)
+    assert n < 3 or list(ranks[0]) != both[0]  # reshuffled every epoch
+
+
+def test_one_cycle_schedule():
+    cfg = train.get_config(['--data', 'x'])
+    model = nn.Linear(4, 4)
+    optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=1000)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    peak = int(np.argmax(lrs))
+    assert max(lrs) == pytest.approx(2e-3, rel=1e-3) and 150 <= peak <= 250  # pct_start 0.2
+    assert lrs[0] < 1e-4 and lrs[-1] < 1e-6  # starts low, anneals to near zero
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_teacher_then_student(teacher_run, tiny_data, tmp_path):
+    teacher_dir, teacher_out = teacher_run
+    log = read_log(teacher_dir)
+    assert len(log) == 12 and log[-1]['step'] == 12 * 12
+    assert log[-1]['train_loss'] < log[0]['train_loss']
+    assert max(max(r['val_top1'], r['ema_top1']) for r in log) > 60  # chance is 25%
+    for key in ('epoch', 'train_loss', 'val_top1', 'val_top5', 'ema_top1', 'lr', 'img_per_sec', 'elapsed_s'):
+        assert key in log[-1]
+    assert os.path.exists(os.path.join(teacher_dir, 'last.pt')) and os.path.exists(os.path.join(teacher_dir, 'best.pt'))
+    assert teacher_out.strip().splitlines()[-1].startswith('best val top-1 ')
+    ckpt = torch.load(os.path.join(teacher_dir, 'best.pt'), weights_only=True)
+    assert ckpt['config']['model'] == 'resnet10t' and ckpt['best']['top1'] > 60
+    # the checkpoint loads in plain timm
+    model = timm.create_model('resnet10t', num_classes=4, checkpoint_path=os.path.join(teacher_dir, 'best.pt'))
+    assert model.num_classes == 4
+
+    out = str(tmp_path / 'student')
+    proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'resnet10t', '--teacher_checkpoint',
+                     os.path.join(teacher_dir, 'best.pt'), '--epochs', 8, '--out_dir', out, *FAST)
+    assert 'teacher: resnet10t, val top-1' in proc.stdout
+    log = read_log(out)
+    assert len(log) == 8 and log[0]['train_kd'] > 0 and log[-1]['train_kd'] < log[0]['train_kd']
+    assert log[-1]['train_loss'] < log[0]['train_loss']
+    assert max(max(r['val_top1'], r['ema_top1']) for r in log) > 60
+    assert os.path.exists(os.path.join(out, 'best.pt'))
+
+
+def test_resume_continues_from_the_saved_step(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    args = ['--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--epochs', 4, '--out_dir', out, *FAST]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(out, 'last.pt')
+    deadline = time.time() + 300
+    while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(last, weights_only=True)
+    assert 1 <= saved['epoch'] < 4, 'the run was not interrupted mid-way'
+    resumed = run_train(*args, '--resume')
+    assert f"at epoch {saved['epoch']}, step {saved['step']}" in resumed.stdout
+    log = read_log(out)
+    assert log[-1]['epoch'] == 4 and log[-1]['step'] == 4 * 12
+    final = torch.load(last, weights_only=True)
+    assert final['scheduler']['last_epoch'] == 4 * 12
+    # changing the schedule's length is a different run, refused
+    args[args.index('--epochs') + 1] = 5
+    proc = run_train(*args, '--resume', check=False)
+    assert proc.returncode != 0 and 'another recipe (--epochs 4 -> 5)' in proc.stderr
+
+
+def test_ddp_two_processes(tiny_data, tmp_path):
+    out = str(tmp_path / 'ddp')
+    proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--epochs', 2,
+                     '--out_dir', out, *FAST, launcher=(sys.executable, '-m', 'torch.distributed.run',
+                                                        '--standalone', '--nproc_per_node=2'))
+    assert 'processes: 2' in proc.stdout
+    assert 'weights identical across 2 ranks: True' in proc.stdout
+    log = read_log(out)
+    assert len(log) == 2 and log[-1]['step'] == 2 * 12  # 400 images: 200 a rank, in batches of 16
+    assert 0 <= log[-1]['val_top1'] <= 100
+
+
+# ---------------------------------------------------------------- bad input
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_bad_inputs(tiny_data, tmp_path):
+    common = ['--teacher', 'none', '--epochs', 1, '--out_dir', str(tmp_path / 'out'), *FAST]
+    one_line_error(run_train('--model', 'resnet10t', '--data', str(tmp_path / 'missing'), *common, check=False),
+                   'missing', 'no train/ folder')
+    broken = make_image_folder(tmp_path / 'broken', train_per_class=2, val_per_class=1, size=8)
+    os.makedirs(os.path.join(broken, 'train', 'empty'))
+    one_line_error(run_train('--model', 'resnet10t', '--data', broken, *common, check=False), 'empty')
+    one_line_error(run_train('--model', 'resnet_nope', '--data', tiny_data, *common, check=False),
+                   "unknown model 'resnet_nope'")
+    wrong_classes = str(tmp_path / 'ten_classes.pt')
+    torch.save(timm.create_model('resnet10t', num_classes=10).state_dict(), wrong_classes)
+    teacher_args = ['--model', 'resnet10t', '--data', tiny_data, '--epochs', 1, '--out_dir', str(tmp_path / 'o2'), *FAST]
+    one_line_error(run_train(*teacher_args, '--teacher', 'resnet10t', '--teacher_checkpoint', wrong_classes,
+                             check=False), 'has 10 classes, the dataset has 4')
+    untrained = str(tmp_path / 'untrained.pt')
+    torch.manual_seed(0)
+    torch.save(timm.create_model('resnet10t', num_classes=4).state_dict(), untrained)
+    one_line_error(run_train(*teacher_args, '--teacher', 'resnet10t', '--teacher_checkpoint', untrained,
+                             check=False), 'near chance')
