@@ -1,4 +1,5 @@
 """Tests for train.py and distill.py: CPU only, offline, on data they generate. Run: python -m pytest -q"""
+import gzip
 import json
 import math
 import os
@@ -378,3 +379,18 @@ def test_bad_inputs(tiny_data, tmp_path):
     torch.save(timm.create_model('resnet10t', num_classes=4).state_dict(), untrained)
     one_line_error(run_train(*teacher_args, '--teacher', 'resnet10t', '--teacher_checkpoint', untrained,
                              check=False), 'near chance')
+
+
+def test_fashion_mnist_from_debian_files(tmp_path):
+    """The Debian package's gzipped idx files, unpacked where torchvision reads them, load without a download."""
+    src, root = tmp_path / 'debian', tmp_path / 'data'
+    os.makedirs(src)
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 12), ('t10k', 5)):
+        images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
+        for kind, header, payload in (('images-idx3', [2051, n, 28, 28], images), ('labels-idx1', [2049, n], labels)):
+            with gzip.open(src / f'{split}-{kind}-ubyte.gz', 'wb') as f:
+                f.write(np.array(header, dtype='>i4').tobytes() + payload.tobytes())
+    train.fashion_mnist_from_debian(str(root), src=str(src))
+    test_set = torchvision.datasets.FashionMNIST(str(root), train=False, download=False)
+    assert len(test_set) == 5 and np.array_equal(np.asarray(test_set[0][0]), images[0]) and test_set[0][1] == labels[0]

@@ -75,11 +75,9 @@ RECIPE_KEYS = ['model', 'data', 'train_subset', 'epochs', 'batch_size']
 
 
 def parse_bool(s):
-    if s.lower() in ('1', 'true', 'yes', 'on'):
-        return True
-    if s.lower() in ('0', 'false', 'no', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got '{s}'")
+    if s.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got '{s}'")
+    return s.lower() in ('1', 'true', 'yes')
 
 
 def get_config(argv):
@@ -115,10 +113,10 @@ class Fail(Exception):
 # -----------------------------------------------------------------------------
 # data
 
-def fashion_mnist_from_debian(root):
+def fashion_mnist_from_debian(root, src='/usr/share/datasets/fashion-mnist'):
     """Unpack Debian's dataset-fashion-mnist into the layout torchvision reads, so no download is needed.
     (The Debian files are recompressed, so torchvision's own download/checksum path cannot use them.)"""
-    src, raw = '/usr/share/datasets/fashion-mnist', os.path.join(root, 'FashionMNIST', 'raw')
+    raw = os.path.join(root, 'FashionMNIST', 'raw')
     names = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
     if all(os.path.exists(os.path.join(raw, n)) for n in names) or not os.path.isdir(src):
         return
@@ -374,6 +372,7 @@ def main(argv):
 
         # validate raw and EMA weights; the better of the two is what counts and what best.pt keeps
         raw_better = True
+        record.update(val_top1=None, val_top5=None, ema_top1=None, ema_top5=None)  # filled on eval epochs
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             # not through DDP: its per-forward buffer broadcast would hang on the uneven validation shards
             top1, top5 = evaluate(model.module if ddp else model, val_loader, device, autocast, ddp)
@@ -383,7 +382,7 @@ def main(argv):
             if max(top1, ema_top1) > best['top1']:
                 best = {'top1': max(top1, ema_top1), 'epoch': epoch + 1, 'weights': 'raw' if raw_better else 'ema'}
         record['elapsed_s'] = time.time() - t_start
-        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != 'epoch'))
+        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if v is not None))
         if master:
             with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
