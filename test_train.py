@@ -133,12 +133,14 @@ def test_prepare_teacher_converts_normalization(teacher_mean, teacher_std):
     mean = lambda m: torch.tensor(m).view(1, 3, 1, 1)
     student_input = (raw - mean(student_mean)) / mean(student_std)
     recorder = InputRecorder(teacher_mean, teacher_std)
-    teacher = prepare_teacher(recorder, student_mean, student_std)
+    teacher = prepare_teacher(recorder, student_mean, student_std, bf16=False)
     logits = teacher(student_input)
     expected = (raw - mean(teacher_mean)) / mean(teacher_std)
     assert torch.allclose(recorder.seen, expected, atol=1e-5)
     assert logits.dtype == torch.float32 and not logits.requires_grad
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.model.training
+    assert prepare_teacher(InputRecorder(teacher_mean, teacher_std), student_mean, student_std,
+                           bf16=True)(student_input).dtype == torch.float32  # logits in fp32 even from bf16
 
 
 def test_load_teacher_errors(tmp_path, monkeypatch):
@@ -394,3 +396,56 @@ def test_fashion_mnist_from_debian_files(tmp_path):
     train.fashion_mnist_from_debian(str(root), src=str(src))
     test_set = torchvision.datasets.FashionMNIST(str(root), train=False, download=False)
     assert len(test_set) == 5 and np.array_equal(np.asarray(test_set[0][0]), images[0]) and test_set[0][1] == labels[0]
+
+
+# ---------------------------------------------------------------- bench.py
+
+def test_bench_prints_every_column(tiny_data, tmp_path, capsys, monkeypatch):
+    import bench
+    calls = []
+    real_step = train.train_step
+
+    def counting_step(*args, **kwargs):  # bench must time train.py's own step, not a copy
+        calls.append(args[1] is not None)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train, 'train_step', counting_step)
+    out = str(tmp_path / 'bench.json')
+    bench.main(['--model', 'resnet10t', '--teacher', 'resnet10t', '--img_size', '32', '--batch_size', '8',
+                '--num_classes', '10', '--device', 'cpu', '--steps', '2', '--data', tiny_data, '--workers', '1',
+                '--json', out])
+    assert True in calls and False in calls  # with and without KD
+    printed = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in printed[0].strip('|').split('|')]
+    row = [c.strip() for c in printed[2].strip('|').split('|')]
+    with open(out) as f:
+        result = json.load(f)[0]
+    for key in ('model', 'teacher', 'device', 'batch_size', 'img_size', 'infer_img_s', 'train_img_s', 'train_kd_img_s',
+                'kd_overhead', 'kd_ideal_img_s', 'kd_efficiency', 'teacher_plain_img_s', 'teacher_prepared_img_s',
+                'max_batch', 'max_batch_kd', 'recommended_batch', 'data_img_s', 'bound_by'):
+        assert key in header and key in result
+    assert len(row) == len(header) and row[header.index('max_batch')] == 'n/a' and result['max_batch'] is None
+    for key in ('infer_img_s', 'train_img_s', 'train_kd_img_s', 'teacher_plain_img_s', 'teacher_prepared_img_s'):
+        assert result[key] > 0
+    assert result['train_kd_img_s'] < result['kd_ideal_img_s'] * 2 and result['bound_by'] in ('data', 'compute')
+    assert result['kd_overhead'] == pytest.approx(1 - result['train_kd_img_s'] / result['train_img_s'])
+
+
+def test_max_batch_search_finds_the_boundary(monkeypatch):
+    assert train.find_max_batch(lambda b: b <= 300) == 300
+    assert train.find_max_batch(lambda b: b <= 7) == 6  # batches stay even for mixup
+    assert train.find_max_batch(lambda b: b <= 4096) == 4096
+    assert train.find_max_batch(lambda b: False) == 0
+    assert train.find_max_batch(lambda b: True, limit=1000) == 512
+    # the same search over train.py's real trial step, with out-of-memory faked above 100 images
+    real_step = train.train_step
+
+    def step_with_fake_memory(model, teacher, images, *args):
+        if len(images) > 100:
+            raise torch.OutOfMemoryError('fake: out of memory')
+        return real_step(model, teacher, images, *args)
+    monkeypatch.setattr(train, 'train_step', step_with_fake_memory)
+    cfg = train.get_config(['--data', 'x', '--img_size', '8'])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    before = [p.clone() for p in model.parameters()]
+    assert train.find_max_batch(lambda b: train.fits_in_memory(model, None, b, cfg, 10, 'cpu')) == 100
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trials ran on a copy

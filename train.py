@@ -11,6 +11,7 @@ Importing this file runs nothing: bench.py and the tests reuse its pieces.
 """
 import argparse
 import contextlib
+import copy
 import gzip
 import json
 import math
@@ -48,7 +49,7 @@ ALPHA_KD = 5.0                    # KD weight (Table 1, ablated in Table 6); 'in
 KD_TAU = 1.0                      # KD temperature (Table 1, ablated in Table 7)
 # optimization
 EPOCHS = 300                      # Table 1
-BATCH_SIZE = 1024                 # global batch, split over processes (Table 1: 512 to 3456)
+BATCH_SIZE = 1024                 # global batch, split over processes (Table 1: 512 to 3456); 'auto' on CUDA
 LR = 2e-3                         # peak one-cycle lr, not scaled with the batch (Table 1)
 WEIGHT_DECAY = 2e-2               # AdamW decoupled decay (Table 1), on weights only, not biases or norms
 PCT_START = 0.2                   # share of the one-cycle spent rising (authors' public code)
@@ -80,6 +81,13 @@ def parse_bool(s):
     return s.lower() in ('1', 'true', 'yes')
 
 
+def batch_size_type(s):
+    return s if s == 'auto' else int(s)
+
+
+batch_size_type.__name__ = 'int'  # argparse's message then reads "invalid int value"
+
+
 def get_config(argv):
     """The constants above, overridden by argv; returns a namespace with lowercase names."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[1], allow_abbrev=False)
@@ -89,8 +97,9 @@ def get_config(argv):
         flags = sorted({f'--{name}', f"--{name.replace('_', '-')}"})
         if isinstance(default, bool):  # bare --resume, or --resume=1 / --compile 0
             parser.add_argument(*flags, dest=name, type=parse_bool, nargs='?', const=True, default=default)
-        else:
-            parser.add_argument(*flags, dest=name, type=type(default), default=default)
+        else:  # the batch may also be 'auto': 0.85 of the largest that fits, as the paper advises
+            kind = batch_size_type if key == 'BATCH_SIZE' else type(default)
+            parser.add_argument(*flags, dest=name, type=kind, default=default)
     cfg = parser.parse_args(argv)
     for key in CONFIG_KEYS:
         value = getattr(cfg, key.lower())
@@ -218,6 +227,37 @@ def train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, c
     return ce.detach(), kd.detach()
 
 
+def find_max_batch(fits, start=8, limit=1 << 16):
+    """Largest even batch for which fits(batch) is true: double from `start` until it fails, then bisect."""
+    good, bad = 0, None
+    while bad is None and start <= limit:
+        good, bad, start = (start, None, start * 2) if fits(start) else (good, start, start)
+    while bad is not None and bad - good > 2:
+        mid = (good + bad) // 4 * 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def fits_in_memory(model, teacher, batch, cfg, num_classes, device):
+    """Whether two train steps at this per-process batch run on CUDA without running out of memory (the
+    second step holds AdamW's moments too). Uncompiled, on a copy: the real model and optimizer stay clean."""
+    trial = copy.deepcopy(model)
+    try:
+        optimizer, scheduler = make_optimizer(trial, cfg, total_steps=2)
+        images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, num_classes, (batch,), device=device)
+        for _ in range(2):
+            train_step(trial, teacher, images.clone(), labels, make_mixup(cfg, num_classes), optimizer, scheduler,
+                       cfg, torch.autocast('cuda', dtype=torch.bfloat16))
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del trial
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, ddp):
     """(top-1, top-5) in percent over the whole loader, summed over ranks (each holds its own shard)."""
@@ -258,11 +298,6 @@ def main(argv):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = torch.device(f'cuda:{local_rank}' if on_cuda else 'cpu')
-    if cfg.batch_size % world:
-        raise Fail(f"--batch_size {cfg.batch_size} is not divisible by the {world} processes")
-    batch = cfg.batch_size // world
-    if batch % 2 and (cfg.mixup or cfg.cutmix):
-        raise Fail(f"per-process batch {batch} is odd; mixup/cutmix pair images, so it must be even")
     if on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -272,14 +307,42 @@ def main(argv):
     log(f"config: {json.dumps(vars(cfg))}\nprocesses: {world}, device: {device}")
     os.makedirs(cfg.out_dir, exist_ok=True)
 
-    # model: the student, normalized the way its own timm config says
+    # data and model: the student's images are normalized the way its own timm config says
     if not timm.is_model(cfg.model):
         raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
     data_cfg = timm.get_pretrained_cfg(cfg.model)
     mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-    # data
     train_set, val_set, num_classes = make_datasets(cfg, mean, std)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = timm.create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
+    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+
+    # teacher: loaded, prepared, and checked on the validation set before a single step is spent
+    teacher = None
+    if cfg.teacher != 'none':
+        try:
+            teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes)
+            teacher = prepare_teacher(teacher, mean, std, device, compile=use_compile)
+        except ValueError as e:
+            raise Fail(str(e))
+
+    # batch and loaders
+    if cfg.batch_size == 'auto':
+        if not on_cuda:
+            raise Fail("--batch_size auto searches for the largest batch that fits in GPU memory; it needs CUDA")
+        largest = torch.tensor(find_max_batch(lambda b: fits_in_memory(model, teacher, b, cfg, num_classes, device)),
+                               device=device)
+        if ddp:
+            dist.all_reduce(largest, op=dist.ReduceOp.MIN)  # every process must use the same batch
+        cfg.batch_size = int(0.85 * largest.item()) // 8 * 8 * world
+        log(f"batch: largest that fits {largest.item()} per process, using 0.85 of it: {cfg.batch_size} in all")
+    if cfg.batch_size % world:
+        raise Fail(f"--batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    batch = cfg.batch_size // world
+    if batch % 2 and (cfg.mixup or cfg.cutmix):
+        raise Fail(f"per-process batch {batch} is odd; mixup/cutmix pair images, so it must be even")
     train_sampler = make_train_sampler(train_set, cfg.aug_repeats, world, rank)
     loader_args = dict(num_workers=cfg.workers, pin_memory=on_cuda, persistent_workers=cfg.workers > 0)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=train_sampler,
@@ -294,25 +357,14 @@ def main(argv):
     log(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
         f"{steps_per_epoch} steps of {batch} x {world} per epoch")
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = timm.create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
-    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
-    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-
-    # teacher: loaded, prepared, and checked on the validation set before a single step is spent
-    teacher = None
-    if cfg.teacher != 'none':
-        try:
-            teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes)
-            teacher = prepare_teacher(teacher, mean, std, device, compile=use_compile)
-        except ValueError as e:
-            raise Fail(str(e))
+    if teacher is not None:
         teacher_top1, teacher_top5 = evaluate(teacher, val_loader, device, contextlib.nullcontext(), ddp)
         log(f"teacher: {cfg.teacher}, val top-1 {teacher_top1:.2f}%, top-5 {teacher_top5:.2f}%")
         if teacher_top1 < chance_threshold(num_classes):
             raise Fail(f"teacher {cfg.teacher} scores {teacher_top1:.2f}% top-1 on this validation set, near "
                        f"chance ({100 / num_classes:.2f}%): its weights did not load or fit this dataset")
+
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
 
     # resume: same weights, EMA, optimizer moments, lr-schedule step and sampler epoch
     start_epoch, step, best = 0, 0, {'top1': -1.0, 'epoch': 0}
