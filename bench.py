@@ -85,10 +85,41 @@ def make_inference(model, batch, img_size, device):
     return torch.no_grad()(lambda: model(images))
 
 
-def teacher_preparation(name, args, batch, device):
-    """Teacher img/s at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last,
-    bf16 and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults, what
-    train.py runs. Returns (speeds, the prepared teacher)."""
+def find_max_batch(fits, start=8, limit=1 << 16):
+    """Largest even batch for which fits(batch) is true: double from `start` until it fails, then bisect."""
+    good, bad = 0, None
+    while bad is None and start <= limit:
+        good, bad, start = (start, None, start * 2) if fits(start) else (good, start, start)
+    while bad is not None and bad - good > 2:
+        mid = (good + bad) // 4 * 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def fits_in_memory(model, teacher, batch, cfg, num_classes, device):
+    """Whether two train steps at this per-process batch run on CUDA without running out of memory (the
+    second step holds AdamW's moments too). Uncompiled, on a copy: the real model and optimizer stay clean."""
+    trial = copy.deepcopy(model)
+    try:
+        optimizer, scheduler = train.make_optimizer(trial, cfg, total_steps=2)
+        images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, num_classes, (batch,), device=device)
+        for _ in range(2):
+            train.train_step(trial, teacher, images.clone(), labels, train.make_mixup(cfg, num_classes), optimizer,
+                             scheduler, cfg, torch.autocast('cuda', dtype=torch.bfloat16))
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del trial
+        torch.cuda.empty_cache()
+
+
+def teacher_variants(name, args, device):
+    """The teacher at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last,
+    bf16 and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults, as in
+    train.py."""
     base = timm.create_model(name, num_classes=args.num_classes).eval()
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
@@ -99,9 +130,7 @@ def teacher_preparation(name, args, batch, device):
         options.update(change)
         variants[stage] = prepare_teacher(copy.deepcopy(base), mean, std, device, **options)
     variants['prepared'] = prepare_teacher(copy.deepcopy(base), mean, std, device, compile=args.compile)
-    speeds = {stage: img_per_sec(make_inference(m, batch, args.img_size, device), batch, args.steps, device)
-              for stage, m in variants.items()}
-    return speeds, variants['prepared']
+    return variants
 
 
 def data_pipeline_img_s(args, cfg, batch):
@@ -130,34 +159,38 @@ def main(argv=None):
     cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size)])
     cfg.num_classes = args.num_classes
     models = args.models.split(',') if args.models else [args.model]
-    results = []
+    variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
+    teacher = variants.get('prepared')
+    results, teacher_speeds = [], {}  # the teacher's speeds depend on the batch only: measured once per batch
     for name in models:
         batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if on_cuda else 32)
         row = dict(model=name, teacher=args.teacher, device=torch.cuda.get_device_name() if on_cuda else 'cpu',
-                   batch_size=batch, img_size=args.img_size, max_batch=None, max_batch_kd=None,
-                   recommended_batch=None)
-        teacher, teacher_prepared = None, None
-        if args.teacher != 'none':
-            speeds, teacher = teacher_preparation(args.teacher, args, batch, device)
-            row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'],
-                       teacher_steps_img_s=speeds)
-        if on_cuda:  # largest batch that fits: train.py's search (doubling, then bisection, on out-of-memory)
+                   img_size=args.img_size, max_batch=None, max_batch_kd=None, recommended_batch=None)
+        if on_cuda:  # largest batch that fits: doubling, then bisection, on out-of-memory (as train.py's auto)
             model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
             for key, kd_teacher in [('max_batch', None)] + ([('max_batch_kd', teacher)] if teacher else []):
-                row[key] = train.find_max_batch(
-                    lambda b: train.fits_in_memory(model, kd_teacher, b, cfg, args.num_classes, device))
+                row[key] = find_max_batch(lambda b: fits_in_memory(model, kd_teacher, b, cfg, args.num_classes, device))
             del model
             row['recommended_batch'] = int(0.85 * (row['max_batch_kd'] or row['max_batch'])) // 8 * 8
-            if args.batch_size == 'auto':
-                row['batch_size'] = batch = row['recommended_batch']
+            batch = row['recommended_batch'] if args.batch_size == 'auto' else batch
+        row['batch_size'] = batch
+        if teacher is not None:
+            if batch not in teacher_speeds:
+                teacher_speeds[batch] = {stage: img_per_sec(make_inference(m, batch, args.img_size, device), batch,
+                                                            args.steps, device) for stage, m in variants.items()}
+            speeds = teacher_speeds[batch]
+            row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'],
+                       teacher_steps_img_s=speeds)
         student = timm.create_model(name, num_classes=args.num_classes)
         student = prepare_teacher(student, (0.5,) * 3, (0.5,) * 3, device, compile=args.compile)
-        row['infer_img_s'] = img_per_sec(make_inference(student, batch, args.img_size, device), batch, args.steps, device)
+        row['infer_img_s'] = img_per_sec(make_inference(student, batch, args.img_size, device), batch, args.steps,
+                                         device)
         row['train_img_s'] = img_per_sec(make_train_step(name, None, cfg, batch, device, args.compile),
                                          batch, args.steps, device)
         row.update(train_kd_img_s=None, kd_overhead=None, kd_ideal_img_s=None, kd_efficiency=None)
         if teacher is not None:
-            kd = img_per_sec(make_train_step(name, teacher, cfg, batch, device, args.compile), batch, args.steps, device)
+            kd = img_per_sec(make_train_step(name, teacher, cfg, batch, device, args.compile), batch, args.steps,
+                             device)
             # if the teacher cost only its prepared forward pass, KD would run at this speed
             ideal = 1 / (1 / row['train_img_s'] + 1 / row['teacher_prepared_img_s'])
             row.update(train_kd_img_s=kd, kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal,
@@ -168,6 +201,9 @@ def main(argv=None):
             row['bound_by'] = 'data' if row['data_img_s'] < step_speed else 'compute'
         results.append(row)
     print_table(results)
+    for batch, speeds in teacher_speeds.items():
+        print(f"teacher {args.teacher} at batch {batch}, img/s by preparation step (cumulative): " +
+              ', '.join(f"{k} {v:.0f} ({v / speeds['plain']:.2f}x)" for k, v in speeds.items()))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)
@@ -192,11 +228,7 @@ def print_table(results):
     print('|' + '---|' * len(columns))
     for row in results:
         print('| ' + ' | '.join(fmt(c, row.get(c)) for c in columns) + ' |')
-    for row in results:
-        if 'teacher_steps_img_s' in row:
-            steps = row['teacher_steps_img_s']
-            print(f"teacher {row['teacher']} img/s by preparation step: " +
-                  ', '.join(f"{k} {v:.0f} ({v / steps['plain']:.2f}x)" for k, v in steps.items()))
+
 
 
 if __name__ == '__main__':

@@ -431,11 +431,12 @@ def test_bench_prints_every_column(tiny_data, tmp_path, capsys, monkeypatch):
 
 
 def test_max_batch_search_finds_the_boundary(monkeypatch):
-    assert train.find_max_batch(lambda b: b <= 300) == 300
-    assert train.find_max_batch(lambda b: b <= 7) == 6  # batches stay even for mixup
-    assert train.find_max_batch(lambda b: b <= 4096) == 4096
-    assert train.find_max_batch(lambda b: False) == 0
-    assert train.find_max_batch(lambda b: True, limit=1000) == 512
+    import bench
+    assert bench.find_max_batch(lambda b: b <= 300) == 300
+    assert bench.find_max_batch(lambda b: b <= 7) == 6  # batches stay even for mixup
+    assert bench.find_max_batch(lambda b: b <= 4096) == 4096
+    assert bench.find_max_batch(lambda b: False) == 0
+    assert bench.find_max_batch(lambda b: True, limit=1000) == 512
     # the same search over train.py's real trial step, with out-of-memory faked above 100 images
     real_step = train.train_step
 
@@ -447,5 +448,5 @@ def test_max_batch_search_finds_the_boundary(monkeypatch):
     cfg = train.get_config(['--data', 'x', '--img_size', '8'])
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     before = [p.clone() for p in model.parameters()]
-    assert train.find_max_batch(lambda b: train.fits_in_memory(model, None, b, cfg, 10, 'cpu')) == 100
+    assert bench.find_max_batch(lambda b: bench.fits_in_memory(model, None, b, cfg, 10, 'cpu')) == 100
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trials ran on a copy

@@ -11,7 +11,6 @@ Importing this file runs nothing: bench.py and the tests reuse its pieces.
 """
 import argparse
 import contextlib
-import copy
 import gzip
 import json
 import math
@@ -227,37 +226,6 @@ def train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, c
     return ce.detach(), kd.detach()
 
 
-def find_max_batch(fits, start=8, limit=1 << 16):
-    """Largest even batch for which fits(batch) is true: double from `start` until it fails, then bisect."""
-    good, bad = 0, None
-    while bad is None and start <= limit:
-        good, bad, start = (start, None, start * 2) if fits(start) else (good, start, start)
-    while bad is not None and bad - good > 2:
-        mid = (good + bad) // 4 * 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good
-
-
-def fits_in_memory(model, teacher, batch, cfg, num_classes, device):
-    """Whether two train steps at this per-process batch run on CUDA without running out of memory (the
-    second step holds AdamW's moments too). Uncompiled, on a copy: the real model and optimizer stay clean."""
-    trial = copy.deepcopy(model)
-    try:
-        optimizer, scheduler = make_optimizer(trial, cfg, total_steps=2)
-        images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
-        images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, num_classes, (batch,), device=device)
-        for _ in range(2):
-            train_step(trial, teacher, images.clone(), labels, make_mixup(cfg, num_classes), optimizer, scheduler,
-                       cfg, torch.autocast('cuda', dtype=torch.bfloat16))
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        del trial
-        torch.cuda.empty_cache()
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, ddp):
     """(top-1, top-5) in percent over the whole loader, summed over ranks (each holds its own shard)."""
@@ -332,6 +300,7 @@ def main(argv):
     if cfg.batch_size == 'auto':
         if not on_cuda:
             raise Fail("--batch_size auto searches for the largest batch that fits in GPU memory; it needs CUDA")
+        from bench import find_max_batch, fits_in_memory  # bench.py owns the search, so the two agree
         largest = torch.tensor(find_max_batch(lambda b: fits_in_memory(model, teacher, b, cfg, num_classes, device)),
                                device=device)
         if ddp:
@@ -446,8 +415,7 @@ def main(argv):
                      'state_dict': raw_state if raw_better else ema_state}
             save_checkpoint(state, last_path)
             if best['epoch'] == epoch + 1:
-                shutil.copyfile(last_path, best_path + '.tmp')
-                os.replace(best_path + '.tmp', best_path)
+                save_checkpoint(state, best_path)
 
     if ddp:  # DDP keeps replicas bitwise equal; check it, since a silent desync would waste the run
         sums = torch.stack([sum(p.double().sum() for p in raw_model.parameters()),
