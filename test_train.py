@@ -249,25 +249,40 @@ def test_weight_decay_skips_biases_and_norms():
 
 # ---------------------------------------------------------------- sampler and schedule
 
+def indices(sampler):
+    return [index for index, _ in sampler]
+
+
 @pytest.mark.parametrize('n', [1, 5, 10, 300, 1000])
 def test_repeated_augmentation_sampler(n):
     data = list(range(n))
-    single = list(train.make_train_sampler(data, 3, world=1, rank=0))
+    single = indices(train.SeededSampler(data, 3, world=1, rank=0))
     assert len(single) == n  # an epoch stays one dataset long, also under 256 images
     counts = sorted(np.bincount(single)[np.bincount(single) > 0])
     assert set(counts[1:]) <= {3}  # every chosen image 3 times, but the last one, which may be cut off
-    ranks = [train.make_train_sampler(data, 3, world=2, rank=r) for r in range(2)]
-    for s in ranks:
-        s.set_epoch(0)
-    both = [list(s) for s in ranks]
+    ranks = [train.SeededSampler(data, 3, world=2, rank=r) for r in range(2)]
+    both = [indices(s) for s in ranks]
     assert len(both[0]) == len(both[1]) == math.ceil(n / 2)
     if n >= 3:  # consecutive copies of an image go to different ranks
-        first = both[0][0]
-        assert first in both[1]
-    merged = np.bincount(both[0] + both[1], minlength=n)
-    assert merged.max() <= 3
+        assert both[0][0] in both[1]
+    assert np.bincount(both[0] + both[1], minlength=n).max() <= 3
     ranks[0].set_epoch(1)
-    assert n < 3 or list(ranks[0]) != both[0]  # reshuffled every epoch
+    assert n < 3 or indices(ranks[0]) != both[0]  # reshuffled every epoch
+
+
+def test_sampler_seeds_and_mid_epoch_start():
+    sampler = train.SeededSampler(list(range(50)), 3, world=2, rank=1, seed=7)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    seeds = [seed for _, seed in full]
+    assert len(set(seeds)) == len(seeds)  # the 3 copies of an image get 3 different augmentations
+    sampler.set_epoch(4, start=10)
+    assert list(sampler) == full[10:] and len(sampler) == len(full) - 10  # no sample repeated, none skipped
+    assert list(train.SeededSampler(list(range(50)), 3, 2, 0, seed=7)) != list(train.SeededSampler(
+        list(range(50)), 3, 2, 0, seed=8))
+    other_rank = train.SeededSampler(list(range(50)), 3, world=2, rank=0, seed=7)
+    other_rank.set_epoch(4)
+    assert not set(seeds) & {seed for _, seed in other_rank}
 
 
 def test_one_cycle_schedule():

@@ -15,7 +15,9 @@ import gzip
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import sys
 import time
 
@@ -66,12 +68,18 @@ LOG_EVERY = 50                    # print a line every N steps
 OUT_DIR = 'out'                   # log.jsonl, last.pt, best.pt
 RESUME = False                    # continue from OUT_DIR/last.pt
 SEED = 0                          # base seed; rank r uses SEED + r
+# surviving clusters: preemption, kills, bad files, hung workers
+CKPT_MINUTES = 30.0               # also write last.pt mid-epoch this often: a kill loses at most this much
+CHECK_EVERY = 10                  # steps between the ranks' agreement: signals, checkpoints, a NaN loss
+LOADER_TIMEOUT = 300              # seconds a batch may take before a hung data-loading worker is an error
+MAX_BAD_FILES = 0.01              # share of unreadable training files replaced before the dataset is broken
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str))]
 # must be > 0 (>= 0 for the rest): a bad value is stopped here, not 300 epochs later
 POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY', 'AUG_REPEATS',
-            'TEST_CROP_RATIO'}
-# what --resume must find unchanged: they fix the model, the data and the length of the lr schedule
-RECIPE_KEYS = ['model', 'data', 'train_subset', 'epochs', 'batch_size']
+            'TEST_CROP_RATIO', 'CHECK_EVERY'}
+# what --resume may change (paths and system settings); every other flag fixes the recipe and must match
+FREE_KEYS = {'data', 'data_dir', 'teacher_checkpoint', 'workers', 'compile', 'eval_every', 'log_every', 'out_dir',
+             'resume', 'ckpt_minutes', 'check_every', 'loader_timeout', 'max_bad_files'}
 
 
 def parse_bool(s):
@@ -174,11 +182,77 @@ def make_datasets(cfg, mean, std):
     return train_set, val_set, len(val_set.classes)
 
 
-def make_train_sampler(train_set, aug_repeats, world, rank):
-    """Repeated augmentation: each chosen image appears aug_repeats times per epoch, consecutive copies on
-    different ranks, and an epoch stays one dataset long. timm's sampler with selected_round=0: its default
-    rounds the epoch down to a multiple of 256 images, dropping up to 255 a rank (all, on tiny data)."""
-    return RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=aug_repeats, selected_round=0)
+class SeededSampler(torch.utils.data.Sampler):
+    """timm's RepeatAugSampler, yielding (index, seed) pairs. The seed fixes each sample's augmentation by
+    (run seed, epoch, global position), whatever the persistent workers did before: a resumed run augments
+    exactly like an uninterrupted one, and `start` skips what an interrupted epoch already trained on.
+    selected_round=0: timm's default rounds an epoch down to a multiple of 256 images, dropping up to 255 a
+    rank (all of them on a dataset under 256); with 0 an epoch is exactly one dataset long."""
+
+    def __init__(self, train_set, aug_repeats, world, rank, seed=0):
+        self.sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=aug_repeats,
+                                        selected_round=0)
+        self.world, self.rank, self.seed, self.epoch, self.start = world, rank, seed, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                yield index, hash((self.seed, self.epoch, position * self.world + self.rank)) & (2 ** 62 - 1)
+
+
+class RobustDataset(torch.utils.data.Dataset):
+    """Seeds the augmentation of each sample, and replaces an unreadable file (corrupt, truncated, not an
+    image) by the next one, returning its name so the main process can report and count it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            random.seed(seed), np.random.seed(seed % 2 ** 32), torch.manual_seed(seed)
+        bad = ''
+        for i in range(index, index + len(self.dataset)):
+            try:
+                image, label = self.dataset[i % len(self.dataset)]
+                return image, label, bad
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+                samples = getattr(self.dataset, 'samples', None)
+                bad = bad or f"{samples[i % len(self)][0] if samples else f'image #{i % len(self)}'} ({e})"
+        raise RuntimeError(f"no readable file in the dataset: {bad}")
+
+
+def worker_init(_):
+    # SIGTERM must still end a worker (the DataLoader terminates a hung one so); SIGUSR1 is for the trainer
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def rng_state():
+    np_state = np.random.get_state(legacy=False)
+    return {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy_pos': np_state['state']['pos'],
+            'numpy_key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
+            'numpy_gauss': (np_state['has_gauss'], np_state['gauss']),
+            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    np.random.set_state(('MT19937', state['numpy_key'].numpy().astype(np.uint32), state['numpy_pos'],
+                         *state['numpy_gauss']))
+    if state['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +305,7 @@ def evaluate(model, loader, device, autocast, ddp):
     """(top-1, top-5) in percent over the whole loader, summed over ranks (each holds its own shard)."""
     model.eval()
     stats = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
-    for images, labels in loader:
+    for images, labels, _ in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
@@ -244,10 +318,19 @@ def evaluate(model, loader, device, autocast, ddp):
 
 
 def save_checkpoint(state, path):
-    """Write to a temp file, then rename: a crash mid-write never leaves a truncated checkpoint at `path`."""
+    """Write a temp file, flush it to disk, then rename: a kill or a full disk mid-write never leaves a
+    truncated checkpoint at `path`, and the previous one stays loadable."""
     tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise Fail(f"could not write {path} ({e}); the previous checkpoint there is kept")
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +357,25 @@ def main(argv):
     use_compile = cfg.compile and on_cuda  # on CPU compile costs minutes of C++ builds for little gain
     log(f"config: {json.dumps(vars(cfg))}\nprocesses: {world}, device: {device}")
     os.makedirs(cfg.out_dir, exist_ok=True)
+    # Slurm and Kubernetes send SIGTERM or SIGUSR1 before preemption: stop at a step boundary, checkpoint, exit 0
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
+    ckpt = None
+    if cfg.resume and not os.path.exists(last_path):
+        log(f"resume: no {last_path} yet, starting fresh")  # so a requeue script can always pass --resume
+    elif cfg.resume:
+        try:
+            ckpt = torch.load(last_path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise Fail(f"cannot read {last_path}: {str(e).splitlines()[0]}")
+        changed = [f"--{k} {v} -> {getattr(cfg, k)}" for k, v in ckpt['config'].items()
+                   if k not in FREE_KEYS and v != getattr(cfg, k) and (k, getattr(cfg, k)) != ('batch_size', 'auto')]
+        if changed:  # a different model or schedule is a different run, not a continuation
+            raise Fail(f"{last_path} was trained with another recipe ({', '.join(changed)}); "
+                       f"resume with the same flags or use another --out_dir")
+        cfg.batch_size = ckpt['config']['batch_size']  # 'auto' resumes with the batch it found
 
     # data and model: the student's images are normalized the way its own timm config says
     if not timm.is_model(cfg.model):
@@ -312,12 +414,15 @@ def main(argv):
     batch = cfg.batch_size // world
     if batch % 2 and (cfg.mixup or cfg.cutmix):
         raise Fail(f"per-process batch {batch} is odd; mixup/cutmix pair images, so it must be even")
-    train_sampler = make_train_sampler(train_set, cfg.aug_repeats, world, rank)
-    loader_args = dict(num_workers=cfg.workers, pin_memory=on_cuda, persistent_workers=cfg.workers > 0)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch, sampler=train_sampler,
+    train_sampler = SeededSampler(train_set, cfg.aug_repeats, world, rank, cfg.seed)
+    # a worker that hangs (dead NFS, a stuck file) raises after loader_timeout instead of a silent stall
+    loader_args = dict(num_workers=cfg.workers, pin_memory=on_cuda, persistent_workers=cfg.workers > 0,
+                       timeout=cfg.loader_timeout if cfg.workers else 0, worker_init_fn=worker_init,
+                       generator=torch.Generator().manual_seed(cfg.seed + rank))  # leaves the global RNG alone
+    train_loader = torch.utils.data.DataLoader(RobustDataset(train_set), batch_size=batch, sampler=train_sampler,
                                                drop_last=True, **loader_args)
     # validation shards are disjoint and uneven (no padding, no duplicates): evaluate() sums the counts
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    val_shard = torch.utils.data.Subset(RobustDataset(val_set), range(rank, len(val_set), world))
     val_loader = torch.utils.data.DataLoader(val_shard, batch_size=batch, **loader_args)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -335,24 +440,30 @@ def main(argv):
 
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
 
-    # resume: same weights, EMA, optimizer moments, lr-schedule step and sampler epoch
-    start_epoch, step, best = 0, 0, {'top1': -1.0, 'epoch': 0}
-    last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
-    if cfg.resume and not os.path.exists(last_path):
-        log(f"resume: no {last_path} yet, starting fresh")
-    elif cfg.resume:
-        ckpt = torch.load(last_path, map_location=device, weights_only=True)
-        changed = [f"--{k} {ckpt['config'][k]} -> {getattr(cfg, k)}" for k in RECIPE_KEYS
-                   if ckpt['config'].get(k) != getattr(cfg, k)]
-        if changed:  # a different schedule or model is a different run, not a continuation
-            raise Fail(f"{last_path} was trained with another recipe ({', '.join(changed)}); "
-                       f"resume with the same flags or use another --out_dir")
+    # resume: weights, EMA, optimizer moments, lr-schedule step, sampler position and RNG states
+    start_epoch, step, epoch_step, best, bad_files = 0, 0, 0, {'top1': -1.0, 'epoch': 0}, set()
+    loss_sum, images_seen = torch.zeros(2, device=device), 0
+    if ckpt is not None:
+        if ckpt['total_steps'] != total_steps or (ckpt['epoch_step'] and ckpt['world_size'] != world):
+            raise Fail(f"{last_path} was written by {ckpt['world_size']} processes ({ckpt['total_steps']} steps in "
+                       f"all, {ckpt['epoch_step']} into epoch {ckpt['epoch'] + 1}); on {world} the schedule or the "
+                       f"epoch's order of samples would change: resume on {ckpt['world_size']} processes")
+        if ckpt['num_classes'] != num_classes or ckpt['train_images'] != len(train_set):
+            raise Fail(f"{last_path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
+                       f"training images; --data has {num_classes} and {len(train_set)})")
         model.load_state_dict(ckpt['model'])
         ema.module.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
-        start_epoch, step, best = ckpt['epoch'], ckpt['step'], ckpt['best']
-        log(f"resume: {last_path} at epoch {start_epoch}, step {step}")
+        start_epoch, step, epoch_step, best = ckpt['epoch'], ckpt['step'], ckpt['epoch_step'], ckpt['best']
+        loss_sum, images_seen, bad_files = ckpt['loss_sum'].to(device), ckpt['images_seen'], set(ckpt['bad_files'])
+        if master and os.path.exists(os.path.join(cfg.out_dir, 'log.jsonl')):  # drop epochs logged after last.pt
+            with open(os.path.join(cfg.out_dir, 'log.jsonl')) as f:
+                kept = [line for line in f if json.loads(line)['epoch'] <= start_epoch]
+            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'w') as f:
+                f.writelines(kept)
+        log(f"resume: {last_path} at epoch {start_epoch}, step {step}" +
+            (f" ({epoch_step} steps into epoch {start_epoch + 1})" if epoch_step else ""))
 
     raw_model = model
     if use_compile:
@@ -360,40 +471,98 @@ def main(argv):
     if ddp:
         model = DistributedDataParallel(model, device_ids=[local_rank] if on_cuda else None)
     mixup_fn = make_mixup(cfg, num_classes)
-    # different augmentations and mixing per rank (timm's Mixup draws from numpy, the loaders from torch)
+    # different augmentations and mixing per rank (timm's Mixup draws from numpy); a resumed run goes on
+    # with the RNG states it saved, so it trains bit for bit like an uninterrupted one
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    if ckpt is not None and len(ckpt['rng']) == world:
+        set_rng_state(ckpt['rng'][rank])
+
+    def checkpoint(epoch, path, raw_better=True):
+        """last.pt or best.pt (rank 0 writes; every rank gives its RNG state). Never NaN weights."""
+        if not all(p.isfinite().all() for p in raw_model.parameters()):
+            raise Fail(f"non-finite weights at step {step}: not written; {last_path} from before is kept")
+        rngs = [None] * world
+        dist.all_gather_object(rngs, rng_state()) if ddp else rngs.__setitem__(0, rng_state())
+        if master:
+            raw_state, ema_state = raw_model.state_dict(), ema.module.state_dict()
+            save_checkpoint({
+                'model': raw_state, 'ema': ema_state, 'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(), 'epoch': epoch, 'step': step, 'epoch_step': epoch_step,
+                'total_steps': total_steps, 'world_size': world, 'best': best, 'config': vars(cfg), 'rng': rngs,
+                'num_classes': num_classes, 'train_images': len(train_set), 'loss_sum': loss_sum.cpu(),
+                'images_seen': images_seen, 'bad_files': sorted(bad_files),
+                # what timm.create_model(..., checkpoint_path=) loads: the better of raw and EMA
+                'state_dict': raw_state if raw_better else ema_state}, path)
 
     # training loop
-    t_start = time.time()
+    t_start, t_ckpt, first_step = time.time(), time.time(), step
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        train_sampler.set_epoch(epoch)
-        loss_sum, t_epoch, images_seen = torch.zeros(2, device=device), time.time(), 0
-        t_log, step_log = time.time(), step
-        for i, (images, labels) in enumerate(train_loader):
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            ce, kd = train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, cfg, autocast)
-            step += 1
-            ema.update(raw_model, step=step)
-            loss_sum += torch.stack([ce, kd])
-            images_seen += len(images) * world
-            if step % cfg.log_every == 0 and master:
-                speed = (step - step_log) * batch * world / (time.time() - t_log)
-                eta = (time.time() - t_start) / (step - start_epoch * steps_per_epoch) * (total_steps - step)
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} ce {ce.item():.4f} kd {kd.item():.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s eta {eta / 60:.1f} min")
-                t_log, step_log = time.time(), step
-        img_per_sec = images_seen / (time.time() - t_epoch)
+        train_sampler.set_epoch(epoch, start=epoch_step * batch)
+        t_epoch, t_log, step_log = time.time(), time.time(), step
+        nonfinite_step = torch.zeros((), device=device, dtype=torch.long)  # first step with a NaN/inf loss
+        batches = iter(train_loader)
+        while epoch_step < steps_per_epoch:
+            try:
+                images, labels, bad = next(batches)
+            except RuntimeError as e:  # a worker died or hung; after a stop signal, workers may be gone too
+                if not stop_signal:
+                    raise Fail(f"data loading failed at step {step}: {str(e).splitlines()[0]}")
+                images = None
+            if images is not None:
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                ce, kd = train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, cfg, autocast)
+                step, epoch_step = step + 1, epoch_step + 1
+                ema.update(raw_model, step=step)
+                nonfinite_step = torch.where((nonfinite_step == 0) & ~(ce + kd).isfinite(), step, nonfinite_step)
+                loss_sum += torch.stack([ce, kd])
+                images_seen += len(images) * world
+                for name in filter(None, bad):
+                    if name not in bad_files:
+                        print(f"rank {rank}: unreadable file replaced by the next one: {name}")
+                    bad_files.add(name)
+                if len(bad_files) > cfg.max_bad_files * len(train_set):
+                    raise Fail(f"{len(bad_files)} unreadable training files (over {cfg.max_bad_files:.0%} of "
+                               f"{len(train_set)}): the dataset is broken, e.g. {sorted(bad_files)[0]}")
+                if step % cfg.log_every == 0 and master:
+                    speed = (step - step_log) * batch * world / (time.time() - t_log)
+                    eta = (time.time() - t_start) / max(1, step - first_step) * (total_steps - step)
+                    log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} ce {ce.item():.4f} "
+                        f"kd {kd.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s "
+                        f"eta {eta / 60:.1f} min")
+                    t_log, step_log = time.time(), step
+            # the ranks agree every CHECK_EVERY steps: one small all-reduce, not a device sync per step
+            if images is None or step % cfg.check_every == 0 or epoch_step == steps_per_epoch:
+                due = time.time() - t_ckpt > cfg.ckpt_minutes * 60
+                control = torch.stack([torch.tensor(float(bool(stop_signal)), device=device),
+                                       torch.tensor(float(due), device=device), nonfinite_step.double()])
+                if ddp:
+                    dist.all_reduce(control, op=dist.ReduceOp.MAX)
+                if control[2] > 0:
+                    raise Fail(f"non-finite loss at step {int(control[2])}: the run diverged; {last_path} "
+                               f"from before is kept (lower --lr, or check the data)")
+                if control[0] or (control[1] and epoch_step < steps_per_epoch):
+                    checkpoint(epoch, last_path)
+                    t_ckpt = time.time()
+                if control[0]:
+                    log(f"stopped by a signal at step {step}: {last_path} written; --resume goes on from there")
+                    if ddp:
+                        dist.destroy_process_group()
+                    return
+        epoch_step = 0
         ce_mean, kd_mean = (loss_sum / steps_per_epoch).tolist()
         train_loss = kd_mean if math.isinf(cfg.alpha_kd) else ce_mean + cfg.alpha_kd * kd_mean
         record = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss, 'train_ce': ce_mean,
-                  'train_kd': kd_mean, 'lr': scheduler.get_last_lr()[0], 'img_per_sec': img_per_sec}
+                  'train_kd': kd_mean, 'lr': scheduler.get_last_lr()[0],
+                  'img_per_sec': images_seen / (time.time() - t_epoch),
+                  'bad_files': len(bad_files), 'val_top1': None, 'val_top5': None, 'ema_top1': None, 'ema_top5': None}
+        loss_sum, images_seen = torch.zeros(2, device=device), 0
 
         # validate raw and EMA weights; the better of the two is what counts and what best.pt keeps
         raw_better = True
-        record.update(val_top1=None, val_top5=None, ema_top1=None, ema_top5=None)  # filled on eval epochs
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             # not through DDP: its per-forward buffer broadcast would hang on the uneven validation shards
             top1, top5 = evaluate(model.module if ddp else model, val_loader, device, autocast, ddp)
@@ -407,15 +576,10 @@ def main(argv):
         if master:
             with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            raw_state, ema_state = raw_model.state_dict(), ema.module.state_dict()
-            state = {'model': raw_state, 'ema': ema_state, 'optimizer': optimizer.state_dict(),
-                     'scheduler': scheduler.state_dict(), 'epoch': epoch + 1, 'step': step, 'best': best,
-                     'config': vars(cfg), 'num_classes': num_classes,
-                     # what timm.create_model(..., checkpoint_path=) loads: the better of raw and EMA
-                     'state_dict': raw_state if raw_better else ema_state}
-            save_checkpoint(state, last_path)
-            if best['epoch'] == epoch + 1:
-                save_checkpoint(state, best_path)
+        checkpoint(epoch + 1, last_path, raw_better)
+        t_ckpt = time.time()
+        if best['epoch'] == epoch + 1:
+            checkpoint(epoch + 1, best_path, raw_better)
 
     if ddp:  # DDP keeps replicas bitwise equal; check it, since a silent desync would waste the run
         sums = torch.stack([sum(p.double().sum() for p in raw_model.parameters()),
@@ -428,7 +592,6 @@ def main(argv):
         if not in_sync:
             raise Fail("the ranks' weights differ at the end of training")
     log(f"best val top-1 {best['top1']:.2f}% (epoch {best['epoch']})")
-
 
 if __name__ == '__main__':
     try:
