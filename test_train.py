@@ -465,3 +465,177 @@ def test_max_batch_search_finds_the_boundary(monkeypatch):
     before = [p.clone() for p in model.parameters()]
     assert bench.find_max_batch(lambda b: bench.fits_in_memory(model, None, b, cfg, 10, 'cpu')) == 100
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trials ran on a copy
+
+
+# ---------------------------------------------------------------- surviving what clusters do to a run
+
+RUN = ['--model', 'resnet10t', '--teacher', 'none', '--epochs', 3, *FAST]
+
+
+def start_train(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not condition():
+        assert proc.poll() is None, 'the run ended before the condition held: ' + proc.stderr.read()[-2000:]
+        assert time.time() < deadline, 'timed out'
+        time.sleep(0.1)
+
+
+def saved(path):
+    try:
+        return torch.load(path, weights_only=True)
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+
+
+@pytest.fixture(scope='session')
+def reference_run(tiny_data, tmp_path_factory):
+    """An uninterrupted 3-epoch run; --ckpt_minutes 0 writes last.pt mid-epoch every CHECK_EVERY steps."""
+    out = str(tmp_path_factory.mktemp('reference'))
+    run_train(*RUN, '--data', tiny_data, '--ckpt_minutes', 0, '--out_dir', out)
+    return saved(os.path.join(out, 'last.pt'))
+
+
+@pytest.mark.parametrize('where', ['after_epoch', 'mid_epoch'])
+def test_sigkill_then_resume_is_bit_identical(where, reference_run, tiny_data, tmp_path):
+    out = str(tmp_path / where)
+    args = [*RUN, '--data', tiny_data, '--ckpt_minutes', 0, '--out_dir', out]
+    proc = start_train(*args)
+    last = os.path.join(out, 'last.pt')
+    mid = where == 'mid_epoch'
+    wait_for(lambda: (s := saved(last)) is not None and (s['epoch_step'] > 0) == mid and s['epoch'] == 1, proc)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    resumed = run_train(*args, '--resume')
+    assert 'resume:' in resumed.stdout and ('steps into epoch' in resumed.stdout) == mid
+    final = saved(last)
+    assert final['step'] == reference_run['step'] == 36
+    for key in ('model', 'ema'):
+        for name, tensor in reference_run[key].items():
+            assert torch.equal(final[key][name], tensor), f"{key}.{name} differs from the uninterrupted run"
+    assert [r['epoch'] for r in read_log(out)] == [1, 2, 3]  # epochs logged after last.pt were dropped
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / 'last.pt')
+    train.save_checkpoint({'step': 1, 'w': torch.ones(1000)}, path)
+
+    def disk_full(state, f):
+        f.write(b'half a checkpoint')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(train.Fail, match='No space left on device.*previous checkpoint there is kept'):
+        train.save_checkpoint({'step': 2, 'w': torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)['step'] == 1 and os.listdir(tmp_path) == ['last.pt']
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_0(sig, tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    args = [*RUN, '--data', tiny_data, '--out_dir', out]
+    proc = start_train(*args)
+    wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)  # inside epoch 2
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert 'stopped by a signal at step' in stdout
+    stopped = saved(os.path.join(out, 'last.pt'))
+    assert 12 < stopped['step'] < 36 or stopped['epoch_step'] == 0
+    resumed = run_train(*args, '--resume')
+    assert f"at epoch {stopped['epoch']}, step {stopped['step']}" in resumed.stdout
+    assert saved(os.path.join(out, 'last.pt'))['step'] == 36
+
+
+def test_resume_refusals(tiny_data, reference_run, tmp_path):
+    out = str(tmp_path / 'run')
+    os.makedirs(out)
+    torch.save(reference_run, os.path.join(out, 'last.pt'))  # a mid-training-free, finished 3-epoch checkpoint
+    one_line_error(run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume', '--model', 'resnet18',
+                             check=False), 'another recipe (--model resnet10t -> resnet18)')
+    other = make_image_folder(tmp_path / 'other', train_per_class=50, val_per_class=2)
+    one_line_error(run_train(*RUN, '--data', other, '--out_dir', out, '--resume', check=False),
+                   'is for another dataset')
+    mid = dict(reference_run, epoch_step=4, epoch=1)
+    torch.save(mid, os.path.join(out, 'last.pt'))
+    proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume', check=False,
+                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('train.py: error:')]
+    assert proc.returncode != 0 and len(errors) == 2 and 'resume on 1 processes' in errors[0]  # one a rank
+
+
+def test_resume_on_more_processes_after_an_epoch(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    args = [*RUN, '--data', tiny_data, '--out_dir', out]
+    proc = start_train(*args)
+    wait_for(lambda: (s := saved(os.path.join(out, 'last.pt'))) is not None and s['epoch_step'] == 0, proc)
+    proc.kill()
+    proc.wait()
+    resumed = run_train(*args, '--resume', launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                      '--nproc_per_node=2'))
+    assert 'processes: 2' in resumed.stdout and 'weights identical across 2 ranks: True' in resumed.stdout
+    final = saved(os.path.join(out, 'last.pt'))
+    assert final['step'] == 36 and final['config']['batch_size'] == 32  # same global batch and schedule
+
+
+def test_nonfinite_loss_stops_the_run(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--lr', '1e30', '--ckpt_minutes', 0, check=False)
+    one_line_error(proc, 'non-finite loss at step', 'diverged')
+    ckpt = saved(os.path.join(out, 'last.pt'))
+    assert ckpt is None or all(t.isfinite().all() for t in ckpt['model'].values() if t.is_floating_point())
+
+
+def add_broken_files(root, n):
+    folder = os.path.join(root, 'train', 'hstripes')
+    png = open(os.path.join(folder, '0.png'), 'rb').read()
+    for i in range(n):
+        kind = i % 3
+        with open(os.path.join(folder, f'broken{i}.png'), 'wb') as f:
+            f.write(png[:len(png) // 2] if kind == 0 else b'' if kind == 1 else b'not an image at all')
+
+
+def test_unreadable_files_are_replaced_and_counted(tmp_path):
+    data = make_image_folder(tmp_path / 'data', train_per_class=100, val_per_class=5)
+    add_broken_files(data, 3)  # 3 of 403 files: under 1%
+    proc = run_train(*RUN, '--data', data, '--out_dir', str(tmp_path / 'run'))
+    named = [line for line in proc.stdout.splitlines() if 'unreadable file replaced' in line]
+    assert len(named) == len(set(named)) >= 1  # each named once
+    assert read_log(str(tmp_path / 'run'))[-1]['bad_files'] == len(named)
+    broken = make_image_folder(tmp_path / 'broken', train_per_class=10, val_per_class=2)
+    add_broken_files(broken, 6)  # 6 of 46: the dataset is broken
+    one_line_error(run_train(*RUN, '--data', broken, '--out_dir', str(tmp_path / 'b'), check=False),
+                   'unreadable training files', 'the dataset is broken')
+    # under DDP the failing rank takes the other one down: torchrun ends non-zero, in bounded time
+    proc = run_train(*RUN, '--data', broken, '--out_dir', str(tmp_path / 'ddp'), check=False,
+                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    assert proc.returncode != 0 and 'the dataset is broken' in proc.stderr
+
+
+def test_hung_worker_is_an_error(tmp_path):
+    data = make_image_folder(tmp_path / 'data', train_per_class=8, val_per_class=2)
+    for i in range(8):  # a FIFO blocks whoever opens it: a stand-in for a dead network filesystem
+        os.remove(os.path.join(data, 'train', 'disc', f'{i}.png'))
+        os.mkfifo(os.path.join(data, 'train', 'disc', f'{i}.png'))
+    t0 = time.time()
+    proc = run_train(*RUN, '--data', data, '--out_dir', str(tmp_path / 'run'), '--batch_size', 8,
+                     '--loader_timeout', 3, check=False)
+    one_line_error(proc, 'data loading failed at step', 'timed out after 3 seconds')
+    assert time.time() - t0 < 60
+
+
+def test_dead_worker_is_an_error(tiny_data, tmp_path):
+    proc = start_train(*RUN, '--data', tiny_data, '--out_dir', str(tmp_path / 'run'), '--epochs', 20)
+    children = f'/proc/{proc.pid}/task/{proc.pid}/children'
+    wait_for(lambda: open(children).read().split(), proc)
+    time.sleep(2)
+    for pid in open(children).read().split():
+        os.kill(int(pid), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and 'data loading failed' in lines[0] and 'killed by signal' in lines[0], stderr

@@ -444,13 +444,13 @@ def main(argv):
     start_epoch, step, epoch_step, best, bad_files = 0, 0, 0, {'top1': -1.0, 'epoch': 0}, set()
     loss_sum, images_seen = torch.zeros(2, device=device), 0
     if ckpt is not None:
+        if ckpt['num_classes'] != num_classes or ckpt['train_images'] != len(train_set):
+            raise Fail(f"{last_path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
+                       f"training images; --data has {num_classes} and {len(train_set)})")
         if ckpt['total_steps'] != total_steps or (ckpt['epoch_step'] and ckpt['world_size'] != world):
             raise Fail(f"{last_path} was written by {ckpt['world_size']} processes ({ckpt['total_steps']} steps in "
                        f"all, {ckpt['epoch_step']} into epoch {ckpt['epoch'] + 1}); on {world} the schedule or the "
                        f"epoch's order of samples would change: resume on {ckpt['world_size']} processes")
-        if ckpt['num_classes'] != num_classes or ckpt['train_images'] != len(train_set):
-            raise Fail(f"{last_path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
-                       f"training images; --data has {num_classes} and {len(train_set)})")
         model.load_state_dict(ckpt['model'])
         ema.module.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -598,3 +598,7 @@ if __name__ == '__main__':
         main(sys.argv[1:])
     except Fail as e:
         sys.exit(f"train.py: error: {e}")
+    except RuntimeError as e:  # torch's SIGCHLD handler raises this anywhere in the loop when a worker dies
+        if 'DataLoader worker' not in str(e):
+            raise
+        sys.exit(f"train.py: error: data loading failed: {str(e).splitlines()[0].strip()}")
