@@ -572,7 +572,8 @@ def main(argv):
             if max(top1, ema_top1) > best['top1']:
                 best = {'top1': max(top1, ema_top1), 'epoch': epoch + 1, 'weights': 'raw' if raw_better else 'ema'}
         record['elapsed_s'] = time.time() - t_start
-        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if v is not None))
+        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                               if v is not None and k != 'epoch'))
         if master:
             with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
