@@ -358,9 +358,10 @@ def test_resume_continues_from_the_saved_step(tiny_data, tmp_path):
 def test_ddp_two_processes(tiny_data, tmp_path):
     out = str(tmp_path / 'ddp')
     proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--epochs', 2,
-                     '--out_dir', out, *FAST, launcher=(sys.executable, '-m', 'torch.distributed.run',
-                                                        '--standalone', '--nproc_per_node=2'))
+                     '--out_dir', out, '--resume', *FAST, launcher=(sys.executable, '-m', 'torch.distributed.run',
+                                                                    '--standalone', '--nproc_per_node=2'))
     assert 'processes: 2' in proc.stdout
+    assert f"no {os.path.join(out, 'last.pt')} yet, starting fresh" in proc.stdout  # --resume with nothing yet
     assert 'weights identical across 2 ranks: True' in proc.stdout
     log = read_log(out)
     assert len(log) == 2 and log[-1]['step'] == 2 * 12  # 400 images: 200 a rank, in batches of 16
