@@ -589,6 +589,11 @@ def test_nonfinite_loss_stops_the_run(tiny_data, tmp_path):
     one_line_error(proc, 'non-finite loss at step', 'diverged')
     ckpt = saved(os.path.join(out, 'last.pt'))
     assert ckpt is None or all(t.isfinite().all() for t in ckpt['model'].values() if t.is_floating_point())
+    # under DDP the ranks agree on it: both stop with the same step named
+    proc = run_train(*RUN, '--data', tiny_data, '--out_dir', str(tmp_path / 'ddp'), '--lr', '1e30', check=False,
+                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('train.py: error:')]
+    assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1] and 'non-finite loss' in errors[0]
 
 
 def add_broken_files(root, n):
@@ -639,4 +644,19 @@ def test_dead_worker_is_an_error(tiny_data, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and 'data loading failed' in lines[0] and 'killed by signal' in lines[0], stderr
+    assert len(lines) == 1 and 'data loading failed' in lines[0], stderr
+    assert 'killed by signal' in lines[0] or 'exited unexpectedly' in lines[0], stderr  # where torch noticed it
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_data, tmp_path):
+    out = str(tmp_path / 'ddp')
+    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(HERE, 'train.py'), *map(str, RUN), '--data', tiny_data, '--out_dir', out],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    stdout, stderr = proc.communicate(timeout=120)
+    assert 'stopped by a signal at step' in stdout, stderr[-3000:]
+    stopped = saved(os.path.join(out, 'last.pt'))
+    assert len(stopped['rng']) == 2 and stopped['step'] > 12  # both ranks' RNG states, saved after epoch 1
+    assert 'train.py: error' not in stderr  # a clean stop on both ranks, not a crash

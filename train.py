@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -233,8 +234,9 @@ class RobustDataset(torch.utils.data.Dataset):
 
 
 def worker_init(_):
-    # SIGTERM must still end a worker (the DataLoader terminates a hung one so); SIGUSR1 is for the trainer
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # torchrun and Slurm signal the whole process group: the trainer stops and checkpoints, its data workers
+    # must live on until then (a failing trainer SIGKILLs them, see the end of this file)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
@@ -597,9 +599,11 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except Fail as e:
-        sys.exit(f"train.py: error: {e}")
-    except RuntimeError as e:  # torch's SIGCHLD handler raises this anywhere in the loop when a worker dies
-        if 'DataLoader worker' not in str(e):
+    except (Fail, RuntimeError) as e:  # torch's SIGCHLD handler raises RuntimeError anywhere when a worker dies
+        if not isinstance(e, Fail) and 'DataLoader worker' not in str(e):
             raise
-        sys.exit(f"train.py: error: data loading failed: {str(e).splitlines()[0].strip()}")
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills below
+        for worker in multiprocessing.active_children():  # they ignore SIGTERM; a hung one would block exit
+            worker.kill()
+        sys.exit(f"train.py: error: {e}" if isinstance(e, Fail) else
+                 f"train.py: error: data loading failed: {str(e).splitlines()[0].strip()}")
