@@ -15,6 +15,7 @@ import time
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import train
 from distill import has_fast_bf16, prepare_teacher
@@ -121,7 +122,7 @@ def teacher_variants(name, args, device):
     bf16 and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults, as in
     train.py."""
     base = timm.create_model(name, num_classes=args.num_classes).eval()
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # synthetic data: any normalization will do
     variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
     stages = [('bn_folded', {}), ('channels_last', {'channels_last': True})]
     stages += [('bf16', {'bf16': True})] if has_fast_bf16(device) else []
@@ -135,9 +136,7 @@ def teacher_variants(name, args, device):
 
 def data_pipeline_img_s(args, cfg, batch):
     """img/s of decode + RandAugment + crop + collate with the configured workers, no training."""
-    data_cfg = timm.get_pretrained_cfg(args.model)
-    mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train_set, _, _ = train.make_datasets(cfg, mean, std)
+    train_set, _, _ = train.make_datasets(cfg, *train.student_normalization(args.model))
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
     n_batches = min(len(loader), 3 * args.steps)
@@ -228,7 +227,6 @@ def print_table(results):
     print('|' + '---|' * len(columns))
     for row in results:
         print('| ' + ' | '.join(fmt(c, row.get(c)) for c in columns) + ' |')
-
 
 
 if __name__ == '__main__':

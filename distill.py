@@ -8,6 +8,7 @@ it runs channels-last in bf16 and compiled, and KD costs 10-20% of the training 
 """
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
@@ -142,8 +143,8 @@ def prepare_teacher(model, student_mean, student_std, device='cpu', channels_las
         if not torch.allclose(before, after, rtol=1e-3, atol=1e-3 * before.abs().max().item()):
             raise ValueError(f"fuse_bn changed {type(model).__name__}'s outputs: pass fuse=False")
     cfg = model.pretrained_cfg
-    t_mean = torch.tensor(cfg.get('mean', (0.485, 0.456, 0.406)), dtype=torch.float32)
-    t_std = torch.tensor(cfg.get('std', (0.229, 0.224, 0.225)), dtype=torch.float32)
+    t_mean = torch.tensor(cfg.get('mean', IMAGENET_DEFAULT_MEAN), dtype=torch.float32)
+    t_std = torch.tensor(cfg.get('std', IMAGENET_DEFAULT_STD), dtype=torch.float32)
     s_mean, s_std = torch.tensor(student_mean, dtype=torch.float32), torch.tensor(student_std, dtype=torch.float32)
     scale, shift = s_std / t_std, (s_mean - t_mean) / t_std
     model = model.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

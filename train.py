@@ -26,7 +26,7 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-from timm.data import Mixup, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
@@ -146,6 +146,12 @@ def fashion_mnist_from_debian(root, src='/usr/share/datasets/fashion-mnist'):
 
 def to_rgb(img):
     return img.convert('RGB')  # grayscale datasets become 3-channel, as every timm backbone expects
+
+
+def student_normalization(model_name):
+    """The (mean, std) the student's own timm config uses: its loader normalizes the images with them."""
+    data_cfg = timm.get_pretrained_cfg(model_name)
+    return (data_cfg.mean, data_cfg.std) if data_cfg else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def make_datasets(cfg, mean, std):
@@ -363,7 +369,7 @@ def main(argv):
     stop_signal = []
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-    last_path, best_path = os.path.join(cfg.out_dir, 'last.pt'), os.path.join(cfg.out_dir, 'best.pt')
+    last_path, best_path, log_path = (os.path.join(cfg.out_dir, f) for f in ('last.pt', 'best.pt', 'log.jsonl'))
     ckpt = None
     if cfg.resume and not os.path.exists(last_path):
         log(f"resume: no {last_path} yet, starting fresh")  # so a requeue script can always pass --resume
@@ -382,10 +388,11 @@ def main(argv):
     # data and model: the student's images are normalized the way its own timm config says
     if not timm.is_model(cfg.model):
         raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
-    data_cfg = timm.get_pretrained_cfg(cfg.model)
-    mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
+    mean, std = student_normalization(cfg.model)
     train_set, val_set, num_classes = make_datasets(cfg, mean, std)
+    if ckpt is not None and (ckpt['num_classes'] != num_classes or ckpt['train_images'] != len(train_set)):
+        raise Fail(f"{last_path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
+                   f"training images; --data has {num_classes} and {len(train_set)})")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = timm.create_model(cfg.model, num_classes=num_classes).to(device, memory_format=memory_format)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
@@ -446,9 +453,6 @@ def main(argv):
     start_epoch, step, epoch_step, best, bad_files = 0, 0, 0, {'top1': -1.0, 'epoch': 0}, set()
     loss_sum, images_seen = torch.zeros(2, device=device), 0
     if ckpt is not None:
-        if ckpt['num_classes'] != num_classes or ckpt['train_images'] != len(train_set):
-            raise Fail(f"{last_path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
-                       f"training images; --data has {num_classes} and {len(train_set)})")
         if ckpt['total_steps'] != total_steps or (ckpt['epoch_step'] and ckpt['world_size'] != world):
             raise Fail(f"{last_path} was written by {ckpt['world_size']} processes ({ckpt['total_steps']} steps in "
                        f"all, {ckpt['epoch_step']} into epoch {ckpt['epoch'] + 1}); on {world} the schedule or the "
@@ -459,10 +463,10 @@ def main(argv):
         scheduler.load_state_dict(ckpt['scheduler'])
         start_epoch, step, epoch_step, best = ckpt['epoch'], ckpt['step'], ckpt['epoch_step'], ckpt['best']
         loss_sum, images_seen, bad_files = ckpt['loss_sum'].to(device), ckpt['images_seen'], set(ckpt['bad_files'])
-        if master and os.path.exists(os.path.join(cfg.out_dir, 'log.jsonl')):  # drop epochs logged after last.pt
-            with open(os.path.join(cfg.out_dir, 'log.jsonl')) as f:
+        if master and os.path.exists(log_path):  # drop epochs logged after last.pt was written
+            with open(log_path) as f:
                 kept = [line for line in f if json.loads(line)['epoch'] <= start_epoch]
-            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'w') as f:
+            with open(log_path, 'w') as f:
                 f.writelines(kept)
         log(f"resume: {last_path} at epoch {start_epoch}, step {step}" +
             (f" ({epoch_step} steps into epoch {start_epoch + 1})" if epoch_step else ""))
@@ -577,7 +581,7 @@ def main(argv):
         log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                if v is not None and k != 'epoch'))
         if master:
-            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+            with open(log_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
         checkpoint(epoch + 1, last_path, raw_better)
         t_ckpt = time.time()
