@@ -552,6 +552,14 @@ def test_preemption_signal_checkpoints_and_exits_0(sig, tiny_data, tmp_path):
     assert saved(os.path.join(out, 'last.pt'))['step'] == 36
 
 
+def rank_errors(proc):
+    """The one error the ranks of a failed torchrun job agree on. Each rank prints it, but torchrun may kill a
+    rank before it gets there once the first has exited, so one or two lines, never two different ones."""
+    errors = set(line for line in proc.stderr.splitlines() if line.startswith('train.py: error:'))
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors.pop()
+
+
 def test_resume_refusals(tiny_data, reference_run, tmp_path):
     out = str(tmp_path / 'run')
     os.makedirs(out)
@@ -565,8 +573,7 @@ def test_resume_refusals(tiny_data, reference_run, tmp_path):
     torch.save(mid, os.path.join(out, 'last.pt'))
     proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume', check=False,
                      launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('train.py: error:')]
-    assert proc.returncode != 0 and len(errors) == 2 and 'resume on 1 processes' in errors[0]  # one a rank
+    assert proc.returncode != 0 and 'resume on 1 processes' in rank_errors(proc)
 
 
 def test_resume_on_more_processes_after_an_epoch(tiny_data, tmp_path):
@@ -592,8 +599,7 @@ def test_nonfinite_loss_stops_the_run(tiny_data, tmp_path):
     # under DDP the ranks agree on it: both stop with the same step named
     proc = run_train(*RUN, '--data', tiny_data, '--out_dir', str(tmp_path / 'ddp'), '--lr', '1e30', check=False,
                      launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('train.py: error:')]
-    assert proc.returncode != 0 and len(errors) == 2 and errors[0] == errors[1] and 'non-finite loss' in errors[0]
+    assert proc.returncode != 0 and 'non-finite loss' in rank_errors(proc)
 
 
 def add_broken_files(root, n):
