@@ -138,10 +138,11 @@ def fashion_mnist_from_debian(root, src='/usr/share/datasets/fashion-mnist'):
     if all(os.path.exists(os.path.join(raw, n)) for n in names) or not os.path.isdir(src):
         return
     os.makedirs(raw, exist_ok=True)
-    for n in names:
-        with gzip.open(os.path.join(src, n + '.gz')) as f, open(os.path.join(raw, n + '.tmp'), 'wb') as out:
+    for n in names:  # a temp file per process: runs started side by side must not write into each other's
+        tmp = os.path.join(raw, f'{n}.{os.getpid()}.tmp')
+        with gzip.open(os.path.join(src, n + '.gz')) as f, open(tmp, 'wb') as out:
             shutil.copyfileobj(f, out)
-        os.replace(os.path.join(raw, n + '.tmp'), os.path.join(raw, n))
+        os.replace(tmp, os.path.join(raw, n))
 
 
 def to_rgb(img):
