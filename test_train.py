@@ -666,3 +666,25 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_data, tmp_path):
     stopped = saved(os.path.join(out, 'last.pt'))
     assert len(stopped['rng']) == 2 and stopped['step'] > 12  # both ranks' RNG states, saved after epoch 1
     assert 'train.py: error' not in stderr  # a clean stop on both ranks, not a crash
+
+
+# ---------------------------------------------------------------- ablations.sh
+
+def test_ablation_tables_pair_kd_and_no_kd_by_seed(tmp_path):
+    """RESULTS.md's KD gains come from this summary: the better of raw and EMA per run, means over seeds,
+    the gain paired by seed, and a run still in progress (not yet validated) left out."""
+    def log(name, *epochs):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / 'log.jsonl', 'w') as f:
+            for val, ema in epochs:
+                f.write(json.dumps({'val_top1': val, 'ema_top1': ema, 'elapsed_s': 120.0}) + '\n')
+    log('r10t_nokd_s0', (70.0, 71.0))
+    log('r10t_nokd_s1', (74.0, 73.0))
+    log('r10t_kd_s0', (75.0, 74.0))
+    log('r10t_kd_s1', (None, None))  # still training
+    proc = subprocess.run(['bash', os.path.join(HERE, 'ablations.sh'), str(tmp_path), 'summary'],
+                          capture_output=True, text=True, env=dict(ENV, PATH=os.path.dirname(sys.executable) + ':' + ENV['PATH']))
+    assert proc.returncode == 0, proc.stderr
+    assert '| resnet10t (CNN) | 72.50 (71.00 / 74.00) | 75.00 (75.00) | +4.00 (+4.00) |' in proc.stdout
+    assert '| xcit_nano_12_p8_224 (transformer) | not run | not run | n/a |' in proc.stdout
+    assert '3 runs, 6 minutes of training in all' in proc.stdout
