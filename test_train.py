@@ -161,6 +161,95 @@ def test_load_teacher_errors(tmp_path, monkeypatch):
         load_teacher('resnet10t', None, num_classes=1000)
 
 
+def test_load_weights_tuple_classifier(tmp_path):
+    from distill import load_weights
+    name = 'deit_tiny_distilled_patch16_224'  # a distillation head: pretrained_cfg['classifier'] names two
+    torch.manual_seed(0)
+    source = timm.create_model(name, num_classes=7)
+    assert source.pretrained_cfg['classifier'] == ('head', 'head_dist')
+    path = str(tmp_path / 'deit.pt')
+    torch.save({'state_dict': source.state_dict()}, path)  # as train.py's best.pt keeps it
+    assert torch.equal(load_teacher(name, path, num_classes=7).head_dist.weight, source.head_dist.weight)
+    with pytest.raises(ValueError, match='has 7 classes, the dataset has 4'):
+        load_teacher(name, path, num_classes=4)
+    target = timm.create_model(name, num_classes=4)
+    fresh_heads = target.head.weight.clone(), target.head_dist.weight.clone()
+    assert load_weights(target, path, new_head=True) is target
+    assert torch.equal(target.head.weight, fresh_heads[0]) and torch.equal(target.head_dist.weight, fresh_heads[1])
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_load_weights_new_head_and_mismatches(tmp_path):
+    from distill import load_weights
+    torch.manual_seed(0)
+    source = timm.create_model('resnet10t', num_classes=7)
+    path = tmp_path / 'ddp.pt'  # an os.PathLike, DDP-prefixed keys under timm's 'model'
+    torch.save({'model': {'module.' + k: v for k, v in source.state_dict().items()}}, path)
+    target = timm.create_model('resnet10t', num_classes=4)
+    fresh_head = target.fc.weight.clone()
+    assert load_weights(target, path, new_head=True) is target
+    assert torch.equal(target.fc.weight, fresh_head) and torch.equal(target.conv1[0].weight, source.conv1[0].weight)
+    (tmp_path / 'garbage.pt').write_bytes(b'not a checkpoint')
+    resnet18 = timm.create_model('resnet18', num_classes=7).state_dict()
+    failures = [('resnet10t', 4, source.state_dict(), 'has 7 classes, the dataset has 4'),
+                ('resnet10t', 7, resnet18, "does not fit model 'resnet10t'"),
+                ('torchvision', 4, torchvision.models.resnet18().state_dict(), "does not fit model 'ResNet'"),
+                ('resnet10t', 4, str(tmp_path / 'missing.pt'), 'does not exist'),
+                ('resnet10t', 4, str(tmp_path / 'garbage.pt'), 'cannot be read')]
+    for name, num_classes, checkpoint, message in failures:
+        model = torchvision.models.resnet18(num_classes=num_classes) if name == 'torchvision' \
+            else timm.create_model(name, num_classes=num_classes)
+        with pytest.raises(ValueError, match=message) as error:
+            load_weights(model, checkpoint)
+        assert '\n' not in str(error.value)
+
+
+def test_prepare_teacher_without_pretrained_cfg():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)  # no pretrained_cfg: its normalization must be given
+    with torch.no_grad():  # non-trivial running statistics, so folding them really changes the weights
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64) * 2 + 0.5)
+    model.eval()
+    student_mean, student_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    teacher_mean, teacher_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    raw = torch.rand(2, 3, 64, 64)
+    mean = lambda m: torch.tensor(m).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model((raw - mean(teacher_mean)) / mean(teacher_std))
+    with pytest.raises(ValueError, match='teacher_mean'):
+        prepare_teacher(model, student_mean, student_std, bf16=False)
+    teacher = prepare_teacher(model, student_mean, student_std, bf16=False, teacher_mean=teacher_mean,
+                              teacher_std=teacher_std)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules())
+    logits = teacher((raw - mean(student_mean)) / mean(student_std))
+    assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_prepare_teacher_checks_the_fold_without_tf32(monkeypatch):
+    seen = []
+
+    class Recorder(InputRecorder):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().forward(x)
+
+    def broken(model):
+        raise RuntimeError('fold failed')
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py sets them on CUDA
+    try:
+        prepare_teacher(Recorder((0.5,) * 3, (0.5,) * 3), (0.5,) * 3, (0.5,) * 3, bf16=False)
+        assert seen == [(False, False)] * 2  # the probes before and after folding
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        monkeypatch.setattr('distill.fuse_bn', broken)
+        with pytest.raises(RuntimeError, match='fold failed'):
+            prepare_teacher(Recorder((0.5,) * 3, (0.5,) * 3), (0.5,) * 3, (0.5,) * 3, bf16=False)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored even then
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 # ---------------------------------------------------------------- config
 
 def test_config_spellings_and_errors():
