@@ -34,6 +34,7 @@ kd_runs() {  # kd_runs SEED: every run that needs the 40-epoch teacher, for one 
 }
 
 if [ "$2" != summary ]; then
+  python -c "import quickstart; quickstart.fashion_mnist_from_debian('data')"  # offline: Debian's copy
   # Stream 1 trains the teacher first (seed 0 teaches every student), then students that need it.
   ( run teacher_resnet18_s0 --model resnet18 --teacher none --epochs 40
     kd_runs 0

@@ -10,6 +10,8 @@ synchronized. The training step is train.py's own `train_step`, imported, not co
 import argparse
 import contextlib
 import copy
+import functools
+import itertools
 import json
 import time
 
@@ -19,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import train
 from distill import has_fast_bf16, prepare_teacher
+from resilience import find_max_batch, fits_in_memory
 
 
 def get_args(argv=None):
@@ -50,8 +53,7 @@ def get_args(argv=None):
 
 
 def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    torch.cuda.synchronize() if device.type == 'cuda' else None
 
 
 def img_per_sec(fn, batch, steps, device, warmup=None):
@@ -66,61 +68,28 @@ def img_per_sec(fn, batch, steps, device, warmup=None):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def make_train_step(name, teacher, cfg, batch, device, compile):
+def make_train_step(name, teacher, cfg, batch, device, compile, num_classes):
     """A closure running train.py's train_step once on a fixed synthetic batch, as train.py sets it up."""
     on_cuda = device.type == 'cuda'
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    model = timm.create_model(name, num_classes=cfg.num_classes).to(device, memory_format=memory_format).train()
+    model = timm.create_model(name, num_classes=num_classes).to(device, memory_format=memory_format).train()
     optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=10 ** 9)
     step_model = torch.compile(model) if compile else model
-    mixup_fn = train.make_mixup(cfg, cfg.num_classes)
+    mixup_fn = train.make_mixup(cfg, num_classes)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
     return lambda: train.train_step(step_model, teacher, images.clone(), labels, mixup_fn, optimizer, scheduler,
                                     cfg, autocast)
 
 
 def make_inference(model, batch, img_size, device):
-    images = torch.randn(batch, 3, img_size, img_size, device=device)
-    return torch.no_grad()(lambda: model(images))
-
-
-def find_max_batch(fits, start=8, limit=1 << 16):
-    """Largest even batch for which fits(batch) is true: double from `start` until it fails, then bisect."""
-    good, bad = 0, None
-    while bad is None and start <= limit:
-        good, bad, start = (start, None, start * 2) if fits(start) else (good, start, start)
-    while bad is not None and bad - good > 2:
-        mid = (good + bad) // 4 * 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good
-
-
-def fits_in_memory(model, teacher, batch, cfg, num_classes, device):
-    """Whether two train steps at this per-process batch run on CUDA without running out of memory (the
-    second step holds AdamW's moments too). Uncompiled, on a copy: the real model and optimizer stay clean."""
-    trial = copy.deepcopy(model)
-    try:
-        optimizer, scheduler = train.make_optimizer(trial, cfg, total_steps=2)
-        images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
-        images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, num_classes, (batch,), device=device)
-        for _ in range(2):
-            train.train_step(trial, teacher, images.clone(), labels, train.make_mixup(cfg, num_classes), optimizer,
-                             scheduler, cfg, torch.autocast('cuda', dtype=torch.bfloat16))
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        del trial
-        torch.cuda.empty_cache()
+    return torch.no_grad()(functools.partial(model, torch.randn(batch, 3, img_size, img_size, device=device)))
 
 
 def teacher_variants(name, args, device):
-    """The teacher at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last,
-    bf16 and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults, as in
-    train.py."""
+    """The teacher at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last, bf16
+    and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults."""
     base = timm.create_model(name, num_classes=args.num_classes).eval()
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # synthetic data: any normalization will do
     variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
@@ -134,70 +103,70 @@ def teacher_variants(name, args, device):
     return variants
 
 
-def data_pipeline_img_s(args, cfg, batch):
-    """img/s of decode + RandAugment + crop + collate with the configured workers, no training."""
-    train_set, _, _ = train.make_datasets(cfg, *train.student_normalization(args.model))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, persistent_workers=args.workers > 0)
-    n_batches = min(len(loader), 3 * args.steps)
-    it = iter(loader)
-    next(it)  # workers started
-    t0 = time.perf_counter()
-    for _ in range(n_batches - 1):
-        next(it)
-    return (n_batches - 1) * batch / (time.perf_counter() - t0)
+def data_pipeline_img_s(args, cfg, batch, device):
+    """img/s of train.py's data path alone (workers: decode, RandAugment, crop, uint8 collate; then the copy and
+    normalization on the device), in steady state: the workers' prefetched batches (2 each) are drawn first."""
+    loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch, cfg, 0)
+    warmup = min(2 * max(1, args.workers) + 1, len(loader) - 1)
+    batches = train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    for _ in range(warmup):
+        next(batches)
+    sync(device)
+    t0, timed = time.perf_counter(), 0
+    for images, _, _ in itertools.islice(batches, 3 * args.steps):
+        timed += len(images)
+    sync(device)
+    return timed / (time.perf_counter() - t0)
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size)])
-    cfg.num_classes = args.num_classes
-    models = args.models.split(',') if args.models else [args.model]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on_cuda  # as train.py
+    torch.backends.cudnn.benchmark = on_cuda
+    cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size),
+                            '--workers', str(args.workers)])
     variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
     teacher = variants.get('prepared')
     results, teacher_speeds = [], {}  # the teacher's speeds depend on the batch only: measured once per batch
-    for name in models:
+    for name in args.models.split(',') if args.models else [args.model]:
         batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if on_cuda else 32)
         row = dict(model=name, teacher=args.teacher, device=torch.cuda.get_device_name() if on_cuda else 'cpu',
                    img_size=args.img_size, max_batch=None, max_batch_kd=None, recommended_batch=None)
         if on_cuda:  # largest batch that fits: doubling, then bisection, on out-of-memory (as train.py's auto)
             model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
             for key, kd_teacher in [('max_batch', None)] + ([('max_batch_kd', teacher)] if teacher else []):
-                row[key] = find_max_batch(lambda b: fits_in_memory(model, kd_teacher, b, cfg, args.num_classes, device))
+                row[key] = find_max_batch(lambda b: fits_in_memory(
+                    lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device)))
             del model
             row['recommended_batch'] = int(0.85 * (row['max_batch_kd'] or row['max_batch'])) // 8 * 8
             batch = row['recommended_batch'] if args.batch_size == 'auto' else batch
         row['batch_size'] = batch
+        timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device)
+        train_step = functools.partial(make_train_step, name, cfg=cfg, batch=batch, device=device, compile=args.compile,
+                                       num_classes=args.num_classes)
         if teacher is not None:
             if batch not in teacher_speeds:
-                teacher_speeds[batch] = {stage: img_per_sec(make_inference(m, batch, args.img_size, device), batch,
-                                                            args.steps, device) for stage, m in variants.items()}
+                teacher_speeds[batch] = {stage: timed(make_inference(m, batch, args.img_size, device))
+                                         for stage, m in variants.items()}
             speeds = teacher_speeds[batch]
             row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'],
                        teacher_steps_img_s=speeds)
         student = timm.create_model(name, num_classes=args.num_classes)
         student = prepare_teacher(student, (0.5,) * 3, (0.5,) * 3, device, compile=args.compile)
-        row['infer_img_s'] = img_per_sec(make_inference(student, batch, args.img_size, device), batch, args.steps,
-                                         device)
-        row['train_img_s'] = img_per_sec(make_train_step(name, None, cfg, batch, device, args.compile),
-                                         batch, args.steps, device)
+        row['infer_img_s'] = timed(make_inference(student, batch, args.img_size, device))
+        row['train_img_s'] = timed(train_step(None))
         row.update(train_kd_img_s=None, kd_overhead=None, kd_ideal_img_s=None, kd_efficiency=None)
         if teacher is not None:
-            kd = img_per_sec(make_train_step(name, teacher, cfg, batch, device, args.compile), batch, args.steps,
-                             device)
+            kd = timed(train_step(teacher))
             # if the teacher cost only its prepared forward pass, KD would run at this speed
             ideal = 1 / (1 / row['train_img_s'] + 1 / row['teacher_prepared_img_s'])
             row.update(train_kd_img_s=kd, kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal,
                        kd_efficiency=kd / ideal)
         if args.data:
-            row['data_img_s'] = data_pipeline_img_s(args, cfg, batch)
-            step_speed = row['train_kd_img_s'] or row['train_img_s']
-            row['bound_by'] = 'data' if row['data_img_s'] < step_speed else 'compute'
+            row['data_img_s'] = data_pipeline_img_s(args, cfg, batch, device)
+            row['bound_by'] = 'data' if row['data_img_s'] < (row['train_kd_img_s'] or row['train_img_s']) else 'compute'
         results.append(row)
     print_table(results)
     for batch, speeds in teacher_speeds.items():
@@ -210,10 +179,8 @@ def main(argv=None):
 
 
 def fmt(column, value):
-    if value is None:
-        return 'n/a'
-    if column in ('kd_overhead', 'kd_efficiency'):
-        return f'{value:.1%}' if column == 'kd_overhead' else f'{value:.3f}'
+    if value is None or column in ('kd_overhead', 'kd_efficiency'):
+        return 'n/a' if value is None else f'{value:.1%}' if column == 'kd_overhead' else f'{value:.3f}'
     return f'{value:.0f}' if isinstance(value, float) else str(value)
 
 

@@ -3,6 +3,8 @@ import gzip
 import json
 import math
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ import torch.nn as nn
 import torchvision
 from PIL import Image
 
+import quickstart
+import resilience
 import train
 from distill import fuse_bn, kd_loss, load_teacher, prepare_teacher
 
@@ -345,11 +349,11 @@ def indices(sampler):
 @pytest.mark.parametrize('n', [1, 5, 10, 300, 1000])
 def test_repeated_augmentation_sampler(n):
     data = list(range(n))
-    single = indices(train.SeededSampler(data, 3, world=1, rank=0))
+    single = indices(resilience.SeededSampler(data, 3, world=1, rank=0))
     assert len(single) == n  # an epoch stays one dataset long, also under 256 images
     counts = sorted(np.bincount(single)[np.bincount(single) > 0])
     assert set(counts[1:]) <= {3}  # every chosen image 3 times, but the last one, which may be cut off
-    ranks = [train.SeededSampler(data, 3, world=2, rank=r) for r in range(2)]
+    ranks = [resilience.SeededSampler(data, 3, world=2, rank=r) for r in range(2)]
     both = [indices(s) for s in ranks]
     assert len(both[0]) == len(both[1]) == math.ceil(n / 2)
     if n >= 3:  # consecutive copies of an image go to different ranks
@@ -360,16 +364,16 @@ def test_repeated_augmentation_sampler(n):
 
 
 def test_sampler_seeds_and_mid_epoch_start():
-    sampler = train.SeededSampler(list(range(50)), 3, world=2, rank=1, seed=7)
+    sampler = resilience.SeededSampler(list(range(50)), 3, world=2, rank=1, seed=7)
     sampler.set_epoch(4)
     full = list(sampler)
     seeds = [seed for _, seed in full]
     assert len(set(seeds)) == len(seeds)  # the 3 copies of an image get 3 different augmentations
     sampler.set_epoch(4, start=10)
     assert list(sampler) == full[10:] and len(sampler) == len(full) - 10  # no sample repeated, none skipped
-    assert list(train.SeededSampler(list(range(50)), 3, 2, 0, seed=7)) != list(train.SeededSampler(
+    assert list(resilience.SeededSampler(list(range(50)), 3, 2, 0, seed=7)) != list(resilience.SeededSampler(
         list(range(50)), 3, 2, 0, seed=8))
-    other_rank = train.SeededSampler(list(range(50)), 3, world=2, rank=0, seed=7)
+    other_rank = resilience.SeededSampler(list(range(50)), 3, world=2, rank=0, seed=7)
     other_rank.set_epoch(4)
     assert not set(seeds) & {seed for _, seed in other_rank}
 
@@ -400,6 +404,7 @@ def test_teacher_then_student(teacher_run, tiny_data, tmp_path):
     assert max(max(r['val_top1'], r['ema_top1']) for r in log) > 60  # chance is 25%
     for key in ('epoch', 'train_loss', 'val_top1', 'val_top5', 'ema_top1', 'lr', 'img_per_sec', 'elapsed_s'):
         assert key in log[-1]
+    assert all(0 <= r['data_wait'] <= 1 for r in log)  # the share of each epoch spent waiting for data
     assert os.path.exists(os.path.join(teacher_dir, 'last.pt')) and os.path.exists(os.path.join(teacher_dir, 'best.pt'))
     assert teacher_out.strip().splitlines()[-1].startswith('best val top-1 ')
     ckpt = torch.load(os.path.join(teacher_dir, 'best.pt'), weights_only=True)
@@ -498,7 +503,7 @@ def test_fashion_mnist_from_debian_files(tmp_path):
         for kind, header, payload in (('images-idx3', [2051, n, 28, 28], images), ('labels-idx1', [2049, n], labels)):
             with gzip.open(src / f'{split}-{kind}-ubyte.gz', 'wb') as f:
                 f.write(np.array(header, dtype='>i4').tobytes() + payload.tobytes())
-    train.fashion_mnist_from_debian(str(root), src=str(src))
+    quickstart.fashion_mnist_from_debian(str(root), src=str(src))
     test_set = torchvision.datasets.FashionMNIST(str(root), train=False, download=False)
     assert len(test_set) == 5 and np.array_equal(np.asarray(test_set[0][0]), images[0]) and test_set[0][1] == labels[0]
 
@@ -536,12 +541,12 @@ def test_bench_prints_every_column(tiny_data, tmp_path, capsys, monkeypatch):
 
 
 def test_max_batch_search_finds_the_boundary(monkeypatch):
-    import bench
-    assert bench.find_max_batch(lambda b: b <= 300) == 300
-    assert bench.find_max_batch(lambda b: b <= 7) == 6  # batches stay even for mixup
-    assert bench.find_max_batch(lambda b: b <= 4096) == 4096
-    assert bench.find_max_batch(lambda b: False) == 0
-    assert bench.find_max_batch(lambda b: True, limit=1000) == 512
+    from resilience import find_max_batch, fits_in_memory
+    assert find_max_batch(lambda b: b <= 300) == 300
+    assert find_max_batch(lambda b: b <= 7) == 6  # batches stay even for mixup
+    assert find_max_batch(lambda b: b <= 4096) == 4096
+    assert find_max_batch(lambda b: False) == 0
+    assert find_max_batch(lambda b: True, limit=1000) == 512
     # the same search over train.py's real trial step, with out-of-memory faked above 100 images
     real_step = train.train_step
 
@@ -553,7 +558,7 @@ def test_max_batch_search_finds_the_boundary(monkeypatch):
     cfg = train.get_config(['--data', 'x', '--img_size', '8'])
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     before = [p.clone() for p in model.parameters()]
-    assert bench.find_max_batch(lambda b: bench.fits_in_memory(model, None, b, cfg, 10, 'cpu')) == 100
+    assert find_max_batch(lambda b: fits_in_memory(lambda: train.trial_steps(model, None, b, cfg, 10, 'cpu'))) == 100
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trials ran on a copy
 
 
@@ -612,14 +617,14 @@ def test_sigkill_then_resume_is_bit_identical(where, reference_run, tiny_data, t
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / 'last.pt')
-    train.save_checkpoint({'step': 1, 'w': torch.ones(1000)}, path)
+    resilience.save_checkpoint({'step': 1, 'w': torch.ones(1000)}, path)
 
     def disk_full(state, f):
         f.write(b'half a checkpoint')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(train.Fail, match='No space left on device.*previous checkpoint there is kept'):
-        train.save_checkpoint({'step': 2, 'w': torch.zeros(1000)}, path)
+    with pytest.raises(resilience.Fail, match='No space left on device.*previous checkpoint there is kept'):
+        resilience.save_checkpoint({'step': 2, 'w': torch.zeros(1000)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)['step'] == 1 and os.listdir(tmp_path) == ['last.pt']
 
@@ -777,3 +782,149 @@ def test_ablation_tables_pair_kd_and_no_kd_by_seed(tmp_path):
     assert '| resnet10t (CNN) | 72.50 (71.00 / 74.00) | 75.00 (75.00) | +4.00 (+4.00) |' in proc.stdout
     assert '| xcit_nano_12_p8_224 (transformer) | not run | not run | n/a |' in proc.stdout
     assert '3 runs, 6 minutes of training in all' in proc.stdout
+
+
+# ---------------------------------------------------------------- the data path
+
+def test_uint8_path_equals_the_float_path(tiny_data):
+    """Workers send uint8 and device_batches normalizes on the device: the numbers ToTensor + Normalize gave."""
+    cfg = train.get_config(['--data', tiny_data, '--img_size', '32'])
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    train_set, val_set, _ = train.make_datasets(cfg, mean, std)
+    tf = torchvision.transforms
+    float_train = timm.data.create_transform(32, is_training=True, auto_augment=cfg.rand_augment, scale=(0.08, 1.0),
+                                             interpolation='bicubic', hflip=0.5, mean=mean, std=std)
+    float_val = tf.Compose([tf.Resize(34, interpolation=tf.InterpolationMode.BICUBIC), tf.CenterCrop(32),
+                            tf.ToTensor(), tf.Normalize(mean, std)])
+    for dataset, float_tf in ((train_set, float_train), (val_set, float_val)):
+        items = [(i * 7, 1000 + i) for i in range(6)]
+        batch = torch.utils.data.default_collate([resilience.RobustDataset(dataset)[item] for item in items])
+        assert batch[0].dtype == torch.uint8
+        images, labels, _ = next(train.device_batches([batch], torch.device('cpu'), mean, std))
+        expected = []
+        for index, seed in items:  # the float path, seeded as RobustDataset seeds each sample
+            random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+            expected.append(float_tf(dataset.loader(dataset.samples[index][0])))
+        assert images.dtype == torch.float32 and (images - torch.stack(expected)).abs().max() < 1e-6
+        assert labels.tolist() == [dataset.samples[index][1] for index, _ in items]
+
+
+def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys):
+    class SlowDataset(resilience.RobustDataset):  # a loader far slower than the step: the run is data-bound
+        def __getitem__(self, item):
+            time.sleep(0.03)
+            return super().__getitem__(item)
+    monkeypatch.setattr(train, 'RobustDataset', SlowDataset)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        train.main([str(a) for a in ('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--epochs', 1,
+                                     '--train_subset', 96, '--out_dir', tmp_path, *FAST[:4], '--workers', 0)])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    record = read_log(str(tmp_path))[0]
+    assert record['data_wait'] > 0.2
+    assert 'warning: data-bound' in capsys.readouterr().out
+
+
+def test_worker_death_during_a_checkpoint_write(tmp_path):
+    """A data worker that dies while last.pt is written: torch's SIGCHLD handler raised inside torch.save's C++
+    writer and aborted the process with a C++ traceback. Deferred, the checkpoint is whole, then the error comes."""
+    class DiesWhilePickled:
+        def __reduce__(self):
+            os.kill(os.getpid(), signal.SIGCHLD)
+            time.sleep(0.1)
+            return (int, (0,))
+
+    def torch_sigchld_handler(signum, frame):
+        raise RuntimeError('DataLoader worker (pid 1) is killed by signal: Killed.')
+    previous = signal.signal(signal.SIGCHLD, torch_sigchld_handler)
+    path = str(tmp_path / 'last.pt')
+    try:
+        with pytest.raises(RuntimeError, match='DataLoader worker'):
+            resilience.save_checkpoint({'w': torch.ones(1000), 'worker': DiesWhilePickled()}, path)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert torch.load(path, weights_only=False)['w'].sum() == 1000 and os.listdir(tmp_path) == ['last.pt']
+
+
+# ---------------------------------------------------------------- the paper's batch on few GPUs; checkpoints; own data
+
+ACCUM = ['--model', 'test_convnext', '--teacher', 'none', '--mixup', 0, '--cutmix', 0, '--epochs', 1,
+         '--train_subset', 48, '--img_size', 32, '--batch_size', 16, '--workers', 1]
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+
+
+@pytest.mark.parametrize('launcher', [(sys.executable,), TORCHRUN], ids=['1 process', '2 processes'])
+def test_accumulation_trains_like_the_whole_batch(launcher, tiny_data, tmp_path):
+    """test_convnext has no BatchNorm and mixup/cutmix are off: 2 micro-batches of 8 give the step of 16."""
+    runs = []
+    for accum in (1, 2):
+        run_train(*ACCUM, '--data', tiny_data, '--accum_steps', accum, '--out_dir', tmp_path / str(accum),
+                  launcher=launcher)
+        runs.append(saved(str(tmp_path / str(accum) / 'last.pt')))
+    whole, accumulated = runs
+    assert whole['step'] == accumulated['step'] == 3  # optimizer steps, not micro-batches
+    assert whole['scheduler']['_last_lr'] == accumulated['scheduler']['_last_lr']
+    assert whole['scheduler']['last_epoch'] == accumulated['scheduler']['last_epoch'] == 3
+    for name, tensor in whole['model'].items():
+        assert (tensor - accumulated['model'][name]).abs().max() < 1e-5, name
+
+
+def test_eval_checkpoint_prints_the_best_top1(teacher_run, tiny_data, tmp_path):
+    teacher_dir, _ = teacher_run
+    best = torch.load(os.path.join(teacher_dir, 'best.pt'), weights_only=True)
+    timm_checkpoint = str(tmp_path / 'timm.pt')  # a plain state dict, as timm saves
+    torch.save(best['state_dict'], timm_checkpoint)
+    for path, lines in ((os.path.join(teacher_dir, 'best.pt'), 2), (timm_checkpoint, 1)):
+        proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--eval_checkpoint', path,
+                         '--out_dir', tmp_path / 'out', *FAST)
+        printed = [line.split('val top-1 ')[1].split('%')[0] for line in proc.stdout.splitlines() if 'val top-1' in line]
+        assert len(printed) == lines and f"{best['best']['top1']:.2f}" in printed, proc.stdout  # raw and EMA
+
+
+def test_init_checkpoint_gets_a_new_head(tiny_data, tmp_path):
+    ten_classes = timm.create_model('resnet10t', num_classes=10)
+    torch.save(ten_classes.state_dict(), tmp_path / 'ten.pt')
+    run_train(*RUN, '--data', tiny_data, '--epochs', 1, '--lr', 1e-12, '--init_checkpoint', tmp_path / 'ten.pt',
+              '--out_dir', tmp_path / 'run')
+    weights = saved(str(tmp_path / 'run' / 'last.pt'))['model']
+    assert weights['fc.weight'].shape[0] == 4  # a new head for the 4 classes
+    assert torch.allclose(weights['conv1.0.weight'], ten_classes.state_dict()['conv1.0.weight'], atol=1e-6)
+    torch.save(timm.create_model('resnet18', num_classes=4).state_dict(), tmp_path / 'other.pt')
+    one_line_error(run_train(*RUN, '--data', tiny_data, '--init_checkpoint', tmp_path / 'other.pt',
+                             '--out_dir', tmp_path / 'o', check=False), 'does not fit model')
+
+
+def test_flat_imagenet_val_is_sorted_by_the_readme_command(tiny_data, tmp_path):
+    data = tmp_path / 'imagenet'
+    shutil.copytree(os.path.join(tiny_data, 'train'), data / 'train')
+    os.makedirs(data / 'val')
+    labels = []
+    for cls in sorted(os.listdir(data / 'train')):  # val/ as ImageNet ships it: files only, the labels elsewhere
+        for i in range(3):
+            shutil.copy(data / 'train' / cls / f'{i}.png', data / 'val' / f'val_{len(labels):05d}.png')
+            labels.append(cls)
+    (tmp_path / 'labels.txt').write_text('\n'.join(labels) + '\n')
+    one_line_error(run_train(*RUN, '--data', data, '--out_dir', tmp_path / 'o', check=False),
+                   "Couldn't find any class folder", 'sort val/ into class folders')
+    readme = open(os.path.join(HERE, 'README.md')).read()
+    start = readme.index('python - /path/to/imagenet/val')
+    command = readme[start:readme.index('\nEOF\n', start) + 5].replace('/path/to/imagenet/val', str(data / 'val'))
+    command = command.replace('imagenet_2012_validation_synset_labels.txt', str(tmp_path / 'labels.txt'))
+    subprocess.run(['bash', '-c', command], check=True, env=dict(ENV, PATH=os.path.dirname(sys.executable) + ':'
+                                                                           + ENV['PATH']))
+    assert sorted(os.listdir(data / 'val')) == sorted(set(labels))
+    assert sorted(os.listdir(data / 'val' / 'disc')) == [f'val_{i:05d}.png' for i, c in enumerate(labels) if c == 'disc']
+
+
+def test_quickstart_prints_the_table(tiny_data, tmp_path):
+    """The one command of the README's quick start, made small by QUICKSTART_ARGS."""
+    small = f'--data {tiny_data} --img_size 32 --batch_size 32 --epochs 3 --mixup 0 --cutmix 0 --workers 1'
+    proc = subprocess.run([sys.executable, os.path.join(HERE, 'quickstart.py'), str(tmp_path / 'qs')], text=True,
+                          capture_output=True, env=dict(ENV, QUICKSTART_ARGS=small), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index('| run |'):].splitlines()
+    assert len(table) == 5 and table[2].startswith('| teacher | resnet18 |')
+    assert table[3].startswith('| student with KD | mobilenetv3_small_100 |') and table[4].endswith(' min |')
+    assert os.path.exists(tmp_path / 'qs' / 'student_kd' / 'best.pt')

@@ -1,0 +1,366 @@
+"""
+Surviving what clusters do to a 300-epoch run: preemption, kills, a diverging loss, unreadable files, hung or
+dead data workers, a batch that does not fit in memory. Nothing here is about the recipe: train.py calls it in
+a few named places (the loaders, batch_sizes, resume, Watchdog, checkpoint, one_line_errors).
+
+What it guarantees (each failure is injected for real in test_train.py):
+- A run killed at any moment and continued with --resume trains bit for bit like an uninterrupted one: each
+  sample's augmentation is seeded by (seed, epoch, position) (SeededSampler, RobustDataset), and last.pt holds
+  the sampler's position and every rank's RNG states (checkpoint, resume).
+- Checkpoints are written atomically (save_checkpoint): a kill or a full disk mid-write keeps the previous one.
+- SIGTERM / SIGUSR1 stop every rank at the same step, after a checkpoint; a NaN/inf loss stops the run naming
+  the step, before NaN weights could be written; too many unreadable files stop it (Watchdog).
+- A hung or dead data worker ends the run with one line (worker_init, Watchdog.batches, one_line_errors).
+- --batch_size / --accum_steps auto find what fits in GPU memory, the same on every rank (batch_sizes).
+
+train.py trains without this file, without these guarantees. Delete its import and: `Fail = SystemExit`;
+timm's RepeatAugSampler for SeededSampler, the datasets for RobustDataset(...), no worker_init_fn; a fresh
+progress dict for resume(...); `cfg.batch_size, cfg.accum_steps` for batch_sizes(...); torch.save of the
+weights for checkpoint(...); `train_loader` for watchdog.batches(train_loader), and drop the other watchdog
+lines, check_replicas_in_sync and the `with one_line_errors():`.
+"""
+import contextlib
+import gc
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data.distributed_sampler import RepeatAugSampler
+
+
+# train.py's flags for what is here (the recipe's constants are in train.py)
+CKPT_MINUTES = 30.0               # also write last.pt mid-epoch this often: a kill loses at most this much
+CHECK_EVERY = 10                  # steps between the ranks' agreement: signals, checkpoints, a NaN loss
+LOADER_TIMEOUT = 300              # seconds a batch may take before a hung data-loading worker is an error
+MAX_BAD_FILES = 0.01              # share of unreadable training files replaced before the dataset is broken
+# what --resume may change (paths and system settings); every other flag fixes the recipe and must match
+FREE_KEYS = {'data', 'data_dir', 'teacher_checkpoint', 'workers', 'compile', 'eval_every', 'log_every', 'out_dir',
+             'resume', 'ckpt_minutes', 'check_every', 'loader_timeout', 'max_bad_files', 'accum_steps', 'pretrained',
+             'init_checkpoint', 'eval_checkpoint'}
+
+
+class Fail(SystemExit):
+    """A bad input or state: Python prints a SystemExit's message as one line and exits 1, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """timm's RepeatAugSampler, yielding (index, seed) pairs. The seed fixes each sample's augmentation by
+    (run seed, epoch, global position), whatever the persistent workers did before: a resumed run augments
+    exactly like an uninterrupted one, and `start` skips what an interrupted epoch already trained on.
+    selected_round=0: timm's default rounds an epoch down to a multiple of 256 images, dropping up to 255 a
+    rank (all of them on a dataset under 256); with 0 an epoch is exactly one dataset long."""
+
+    def __init__(self, train_set, aug_repeats, world, rank, seed=0):
+        self.sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=aug_repeats,
+                                        selected_round=0)
+        self.world, self.rank, self.seed, self.epoch, self.start = world, rank, seed, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                yield index, hash((self.seed, self.epoch, position * self.world + self.rank)) & (2 ** 62 - 1)
+
+
+class RobustDataset(torch.utils.data.Dataset):
+    """Seeds the augmentation of each sample, and replaces an unreadable file (corrupt, truncated, not an
+    image) by the next one, returning its name so the main process can report and count it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            random.seed(seed), np.random.seed(seed % 2 ** 32), torch.manual_seed(seed)
+        bad = ''
+        for i in range(index, index + len(self.dataset)):
+            try:
+                image, label = self.dataset[i % len(self.dataset)]
+                return image, label, bad
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+                samples = getattr(self.dataset, 'samples', None)
+                bad = bad or f"{samples[i % len(self)][0] if samples else f'image #{i % len(self)}'} ({e})"
+        raise RuntimeError(f"no readable file in the dataset: {bad}")
+
+
+def worker_init(_):
+    # torchrun and Slurm signal the whole process group: the trainer stops and checkpoints, its data workers
+    # must live on until then (a failing trainer SIGKILLs them: one_line_errors)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def rng_states():
+    """Every rank's RNG states (torch, python, numpy, cuda), gathered for rank 0 to save."""
+    np_state = np.random.get_state(legacy=False)
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate(), 'numpy_pos': np_state['state']['pos'],
+             'numpy_key': torch.from_numpy(np_state['state']['key'].astype(np.int64)),
+             'numpy_gauss': (np_state['has_gauss'], np_state['gauss']),
+             'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    np.random.set_state(('MT19937', state['numpy_key'].numpy().astype(np.uint32), state['numpy_pos'],
+                         *state['numpy_gauss']))
+    if state['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+@contextlib.contextmanager
+def signal_deferred(sig):
+    """Holds back the Python handler of `sig` until the block is done, then runs it. (pthread_sigmask would not:
+    another thread takes the signal, and the main thread still runs the handler at its next bytecode.)"""
+    pending = []
+    previous = signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+        if pending and callable(previous):
+            previous(sig, None)
+
+
+def save_checkpoint(state, path):
+    """Write a temp file, flush it to disk, then rename: a kill or a full disk mid-write never leaves a
+    truncated checkpoint at `path`, and the previous one stays loadable. (torch.save alone writes in place.)"""
+    tmp = path + '.tmp'
+    try:  # a dead worker's SIGCHLD waits: torch's handler raising inside torch.save's C++ writer aborts the process
+        with signal_deferred(signal.SIGCHLD):
+            with open(tmp, 'wb') as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise Fail(f"could not write {path} ({e}); the previous checkpoint there is kept")
+
+
+def checkpoint(path, stateful, run, progress, raw_better=True):
+    """Rank 0 writes last.pt or best.pt: the state of `stateful`, what identifies the run, the progress and
+    every rank's RNG states. Never NaN weights."""
+    if not all(p.isfinite().all() for p in stateful['model'].parameters()):
+        raise Fail(f"non-finite weights at step {progress['step']}: not written; the {path} from before is kept")
+    state = {name: obj.state_dict() for name, obj in stateful.items()} | run | progress | {
+        'rng': rng_states(), 'bad_files': sorted(progress['bad_files']),
+        # what timm.create_model(..., checkpoint_path=) loads: the better of raw and EMA
+        'state_dict': stateful['model' if raw_better else 'ema'].state_dict()}
+    if run['rank'] == 0:
+        save_checkpoint(state, path)
+
+
+def resume(path, run, stateful, log_path, log):
+    """Continue from last.pt: refuse a checkpoint of another recipe, dataset or schedule; restore the weights,
+    EMA, optimizer, lr schedule (`stateful`) and this rank's RNG states; drop log lines written after it.
+    `run` is what identifies this run, as checkpoints store it. Returns the progress: the saved one, or a fresh
+    start without `path` or with no last.pt yet (so that a requeue script can always pass --resume)."""
+    fresh = {'epoch': 0, 'step': 0, 'epoch_step': 0, 'best': {'top1': -1.0, 'epoch': 0}, 'loss_sum': torch.zeros(2),
+             'bad_files': set()}
+    if path is None or not os.path.exists(path):
+        return fresh if path is None else log(f"resume: no {path} yet, starting fresh") or fresh
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise Fail(f"cannot read {path}: {str(e).splitlines()[0]}")
+    changed = [f"--{k} {v} -> {run['config'][k]}" for k, v in ckpt['config'].items()
+               if k not in FREE_KEYS and v != run['config'][k] and (k, run['config'][k]) != ('batch_size', 'auto')]
+    if changed:  # a different model or schedule is a different run, not a continuation
+        raise Fail(f"{path} was trained with another recipe ({', '.join(changed)}); "
+                   f"resume with the same flags or use another --out_dir")
+    if (ckpt['num_classes'], ckpt['train_images']) != (run['num_classes'], run['train_images']):
+        raise Fail(f"{path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
+                   f"training images; --data has {run['num_classes']} and {run['train_images']})")
+    if ckpt['total_steps'] != run['total_steps'] or (ckpt['epoch_step'] and ckpt['world_size'] != run['world_size']):
+        raise Fail(f"{path} was written by {ckpt['world_size']} processes ({ckpt['total_steps']} steps in all, "
+                   f"{ckpt['epoch_step']} into epoch {ckpt['epoch'] + 1}); on {run['world_size']} the schedule or "
+                   f"the epoch's order of samples would change: resume on {ckpt['world_size']} processes")
+    for name, obj in stateful.items():
+        obj.load_state_dict(ckpt[name])
+    if len(ckpt['rng']) == run['world_size']:  # on another process count, the per-rank seeds start afresh
+        set_rng_state(ckpt['rng'][run['rank']])
+    if run['rank'] == 0 and os.path.exists(log_path):  # drop epochs logged after last.pt was written
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)['epoch'] <= ckpt['epoch']]
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
+    log(f"resume: {path} at epoch {ckpt['epoch']}, step {ckpt['step']}" +
+        (f" ({ckpt['epoch_step']} steps into epoch {ckpt['epoch'] + 1})" if ckpt['epoch_step'] else ""))
+    progress = {k: ckpt[k] for k in ('epoch', 'step', 'epoch_step', 'best', 'loss_sum')}
+    return progress | {'bad_files': set(ckpt['bad_files'])}
+
+
+class Watchdog:
+    """What the training loop must notice without a device sync per step: preemption signals, a checkpoint
+    falling due, a non-finite loss, unreadable files, a dead or hung data worker. The ranks agree on it every
+    `check_every` steps with one small all-reduce, so they stop, checkpoint or fail at the same step."""
+
+    def __init__(self, cfg, device, rank, train_images, progress, log):
+        self.cfg, self.device, self.rank, self.train_images, self.progress, self.log = (cfg, device, rank,
+                                                                                       train_images, progress, log)
+        self.signals, self.bad_files, self.last_checkpoint = [], progress['bad_files'], time.time()
+        self.nonfinite_step = torch.zeros((), device=device, dtype=torch.long)  # first step with a NaN/inf loss
+        # Slurm and Kubernetes send SIGTERM or SIGUSR1 before preemption: stop at a step boundary, exit 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+
+    def batches(self, loader):
+        """The loader's (images, labels); replaced files are named and counted, and a worker that died or hung
+        past --loader_timeout ends the run with one line."""
+        batches, self.waited = iter(loader), 0.0  # seconds the loop stood waiting for the data workers
+        while True:
+            t_fetch = time.time()
+            try:
+                images, labels, bad = next(batches)
+                self.waited += time.time() - t_fetch
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                raise Fail(f"data loading failed at step {self.progress['step']}: {str(e).splitlines()[0]}") from None
+            for name in filter(None, bad):
+                if name not in self.bad_files:
+                    print(f"rank {self.rank}: unreadable file replaced by the next one: {name}")
+                self.bad_files.add(name)
+            if len(self.bad_files) > self.cfg.max_bad_files * self.train_images:
+                raise Fail(f"{len(self.bad_files)} unreadable training files (over {self.cfg.max_bad_files:.0%} of "
+                           f"{self.train_images}): the dataset is broken, e.g. {sorted(self.bad_files)[0]}")
+            yield images, labels
+
+    def check(self, step, loss, epoch_end, save_last):
+        """Every rank at once: a non-finite loss fails the run; a stop signal saves last.pt and returns True (the
+        run then exits 0); --ckpt_minutes since the last checkpoint saves last.pt mid-epoch."""
+        self.nonfinite_step = torch.where((self.nonfinite_step == 0) & ~loss.isfinite(), step, self.nonfinite_step)
+        if step % self.cfg.check_every and not epoch_end:
+            return False
+        due = time.time() - self.last_checkpoint > self.cfg.ckpt_minutes * 60 and not epoch_end
+        flags = torch.tensor([float(bool(self.signals)), float(due)], device=self.device, dtype=torch.float64)
+        flags = torch.cat([flags, self.nonfinite_step.double().view(1)])
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, due, nonfinite_step = flags.tolist()
+        if nonfinite_step:
+            raise Fail(f"non-finite loss at step {int(nonfinite_step)}: the run diverged; the last.pt from before "
+                       f"is kept (lower --lr, or check the data)")
+        if stop or due:
+            save_last()
+        if stop or due or epoch_end:  # the loop writes last.pt at each epoch's end
+            self.last_checkpoint = time.time()
+        if stop:
+            self.log(f"stopped by a signal at step {step}: last.pt written; --resume goes on from there")
+        return bool(stop)
+
+
+def check_replicas_in_sync(model, log):
+    """DDP keeps replicas bitwise equal; check it at the end of training, since a silent desync would waste the
+    run."""
+    if not dist.is_initialized():
+        return
+    sums = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                        sum(p.double().square().sum() for p in model.parameters())])
+    gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+    log(f"weights identical across {len(gathered)} ranks: {in_sync}")
+    if not in_sync:
+        raise Fail("the ranks' weights differ at the end of training")
+
+
+def find_max_batch(fits, start=8, limit=1 << 16):
+    """Largest even batch for which fits(batch) is true: double from `start` until it fails, then bisect."""
+    good, bad = 0, None
+    while bad is None and start <= limit:
+        good, bad, start = (start, None, start * 2) if fits(start) else (good, start, start)
+    while bad is not None and bad - good > 2:
+        mid = (good + bad) // 4 * 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def fits_in_memory(trial):
+    """Whether trial() runs without running out of device memory, which would otherwise kill the run at its
+    first step. cuDNN reports some lacks of memory as "unable to find an engine": the same."""
+    try:
+        trial()
+        return True
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or 'unable to find an engine' in str(e):
+            return False
+        raise
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def batch_sizes(cfg, world, last_path, device, log, trial):
+    """(global batch, micro-batches per step): --batch_size and --accum_steps, where 'auto' takes 0.85 of the
+    largest per-process batch for which trial(batch) fits in device memory (the paper advises 0.8-0.9), the same
+    on every rank: running out of memory would kill the run at its first step. A resumed run keeps its batch."""
+    if 'auto' not in (cfg.batch_size, cfg.accum_steps):
+        return cfg.batch_size, cfg.accum_steps
+    if cfg.batch_size == 'auto' and cfg.resume and os.path.exists(last_path):
+        return torch.load(last_path, mmap=True, weights_only=True)['config']['batch_size'], 1
+    if device.type != 'cuda':
+        raise Fail("--batch_size / --accum_steps auto search for what fits in GPU memory; they need CUDA")
+    with torch.random.fork_rng(devices=[device]):  # the search leaves the RNGs as it found them
+        np_state = np.random.get_state()
+        largest = torch.tensor(find_max_batch(lambda batch: fits_in_memory(lambda: trial(batch))), device=device)
+        np.random.set_state(np_state)
+    if dist.is_initialized():
+        dist.all_reduce(largest, op=dist.ReduceOp.MIN)
+    usable = int(0.85 * largest.item()) // 8 * 8
+    if usable < 2:
+        raise Fail(f"--batch_size / --accum_steps auto: the largest batch that fits is {largest.item()} per process, "
+                   f"too small for mixup/cutmix pairs; use a smaller --model or --teacher, or a lower --img_size")
+    if cfg.batch_size == 'auto':  # and --accum_steps auto: 1
+        log(f"batch: 0.85 of the largest that fits, {usable} per process, {usable * world} in all")
+        return usable * world, 1
+    batch = cfg.batch_size // world  # the fewest micro-batches that fit; 1 image each if nothing does
+    accum = next((n for n in range(1, batch + 1) if batch % n == 0 and batch // n <= usable), batch)
+    log(f"accumulation: {accum} micro-batches of {batch // accum} per process and step")
+    return cfg.batch_size, accum
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Every failure ends as one line, and the data workers go with it: they ignore SIGTERM (worker_init), so
+    they are killed here, or a hung one would block the exit. torch's SIGCHLD handler raises a worker's death
+    as a RuntimeError wherever the main process happens to be: that too becomes one line."""
+    try:
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except BaseException as e:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills below
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        if isinstance(e, RuntimeError) and 'DataLoader worker' in str(e):
+            raise Fail(f"data loading failed: {str(e).splitlines()[0].strip()}") from None
+        raise
