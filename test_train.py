@@ -1,4 +1,5 @@
-"""Tests for train.py and distill.py: CPU only, offline, on data they generate. Run: python -m pytest -q"""
+"""Tests for train.py, distill.py, resilience.py, bench.py and quickstart.py: CPU only, offline, on data they
+generate. Run: python -m pytest -q -n 2 --dist loadgroup test_train.py (pytest-xdist; without -n, one by one)"""
 import gzip
 import json
 import math
@@ -396,6 +397,7 @@ def test_one_cycle_schedule():
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.xdist_group('teacher')  # under pytest -n, one worker trains the session's teacher
 def test_teacher_then_student(teacher_run, tiny_data, tmp_path):
     teacher_dir, teacher_out = teacher_run
     log = read_log(teacher_dir)
@@ -595,6 +597,7 @@ def reference_run(tiny_data, tmp_path_factory):
     return saved(os.path.join(out, 'last.pt'))
 
 
+@pytest.mark.xdist_group('reference')  # one worker runs the reference run
 @pytest.mark.parametrize('where', ['after_epoch', 'mid_epoch'])
 def test_sigkill_then_resume_is_bit_identical(where, reference_run, tiny_data, tmp_path):
     out = str(tmp_path / where)
@@ -654,6 +657,7 @@ def rank_errors(proc):
     return errors.pop()
 
 
+@pytest.mark.xdist_group('reference')
 def test_resume_refusals(tiny_data, reference_run, tmp_path):
     out = str(tmp_path / 'run')
     os.makedirs(out)
@@ -871,6 +875,7 @@ def test_accumulation_trains_like_the_whole_batch(launcher, tiny_data, tmp_path)
         assert (tensor - accumulated['model'][name]).abs().max() < 1e-5, name
 
 
+@pytest.mark.xdist_group('teacher')
 def test_eval_checkpoint_prints_the_best_top1(teacher_run, tiny_data, tmp_path):
     teacher_dir, _ = teacher_run
     best = torch.load(os.path.join(teacher_dir, 'best.pt'), weights_only=True)
