@@ -358,7 +358,12 @@ def one_line_errors():
         if dist.is_initialized():
             dist.destroy_process_group()
     except BaseException as e:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills below
+        while True:  # silence torch's handler (it would report the kills below), which may first raise once more
+            try:  # for a second dead worker: signal.signal runs a pending handler before it changes it
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                break
+            except RuntimeError:
+                continue
         for worker in multiprocessing.active_children():
             worker.kill()
         if isinstance(e, RuntimeError) and 'DataLoader worker' in str(e):
