@@ -184,8 +184,10 @@ def resume(path, run, stateful, log_path, log):
     start without `path` or with no last.pt yet (so that a requeue script can always pass --resume)."""
     fresh = {'epoch': 0, 'step': 0, 'epoch_step': 0, 'best': {'top1': -1.0, 'epoch': 0}, 'loss_sum': torch.zeros(2),
              'bad_files': set()}
+    if path is not None and not os.path.exists(path):
+        log(f"resume: no {path} yet, starting fresh")
     if path is None or not os.path.exists(path):
-        return fresh if path is None else log(f"resume: no {path} yet, starting fresh") or fresh
+        return fresh
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -325,8 +327,9 @@ def batch_sizes(cfg, world, last_path, device, log, trial):
     on every rank: running out of memory would kill the run at its first step. A resumed run keeps its batch."""
     if 'auto' not in (cfg.batch_size, cfg.accum_steps):
         return cfg.batch_size, cfg.accum_steps
+    given_accum = 1 if cfg.accum_steps == 'auto' else cfg.accum_steps  # with --batch_size auto
     if cfg.batch_size == 'auto' and cfg.resume and os.path.exists(last_path):
-        return torch.load(last_path, mmap=True, weights_only=True)['config']['batch_size'], 1
+        return torch.load(last_path, mmap=True, weights_only=True)['config']['batch_size'], given_accum
     if device.type != 'cuda':
         raise Fail("--batch_size / --accum_steps auto search for what fits in GPU memory; they need CUDA")
     with torch.random.fork_rng(devices=[device]):  # the search leaves the RNGs as it found them
@@ -339,9 +342,9 @@ def batch_sizes(cfg, world, last_path, device, log, trial):
     if usable < 2:
         raise Fail(f"--batch_size / --accum_steps auto: the largest batch that fits is {largest.item()} per process, "
                    f"too small for mixup/cutmix pairs; use a smaller --model or --teacher, or a lower --img_size")
-    if cfg.batch_size == 'auto':  # and --accum_steps auto: 1
+    if cfg.batch_size == 'auto':
         log(f"batch: 0.85 of the largest that fits, {usable} per process, {usable * world} in all")
-        return usable * world, 1
+        return usable * world, given_accum
     batch = cfg.batch_size // world  # the fewest micro-batches that fit; 1 image each if nothing does
     accum = next((n for n in range(1, batch + 1) if batch % n == 0 and batch // n <= usable), batch)
     log(f"accumulation: {accum} micro-batches of {batch // accum} per process and step")

@@ -933,3 +933,12 @@ def test_quickstart_prints_the_table(tiny_data, tmp_path):
     assert len(table) == 5 and table[2].startswith('| teacher | resnet18 |')
     assert table[3].startswith('| student with KD | mobilenetv3_small_100 |') and table[4].endswith(' min |')
     assert os.path.exists(tmp_path / 'qs' / 'student_kd' / 'best.pt')
+
+
+def test_auto_batch_keeps_a_given_accumulation(tmp_path):
+    """--batch_size auto on a resumed run keeps the batch it found and the --accum_steps it was given."""
+    torch.save({'config': {'batch_size': 48}}, tmp_path / 'last.pt')
+    cfg = train.get_config(['--data', 'x', '--batch_size', 'auto', '--accum_steps', '3', '--resume'])
+    assert resilience.batch_sizes(cfg, 1, str(tmp_path / 'last.pt'), torch.device('cpu'), print, None) == (48, 3)
+    cfg = train.get_config(['--data', 'x', '--batch_size', '64', '--accum_steps', '2'])
+    assert resilience.batch_sizes(cfg, 1, str(tmp_path / 'last.pt'), torch.device('cpu'), print, None) == (64, 2)
