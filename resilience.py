@@ -1,7 +1,8 @@
 """
 Surviving what clusters do to a 300-epoch run: preemption, kills, a diverging loss, unreadable files, hung or
-dead data workers, a batch that does not fit in memory. Nothing here is about the recipe: train.py calls it in
-a few named places (the loaders, batch_sizes, resume, Watchdog, checkpoint, one_line_errors).
+dead data workers, a dead or hung peer, a batch that does not fit in memory. Nothing here is about the recipe:
+train.py calls it in a few named places (init_process_group, the loaders, batch_sizes, resume, Watchdog,
+checkpoint, one_line_errors).
 
 What it guarantees (each failure is injected for real in test_train.py):
 - A run killed at any moment and continued with --resume trains bit for bit like an uninterrupted one: each
@@ -11,20 +12,26 @@ What it guarantees (each failure is injected for real in test_train.py):
 - SIGTERM / SIGUSR1 stop every rank at the same step, after a checkpoint; a NaN/inf loss stops the run naming
   the step, before NaN weights could be written; too many unreadable files stop it (Watchdog).
 - A hung or dead data worker ends the run with one line (worker_init, Watchdog.batches, one_line_errors).
+- A rank that dies or hangs ends the others within seconds or --dist_timeout, with one line each, and
+  torchrun --max-restarts then starts the group again, which --resume continues (init_process_group).
 - --batch_size / --accum_steps auto find what fits in GPU memory, the same on every rank (batch_sizes).
 
 train.py trains without this file, without these guarantees. Delete its import and: `Fail = SystemExit`;
 timm's RepeatAugSampler for SeededSampler, the datasets for RobustDataset(...), no worker_init_fn; a fresh
 progress dict for resume(...); `cfg.batch_size, cfg.accum_steps` for batch_sizes(...); torch.save of the
 weights for checkpoint(...); `train_loader` for watchdog.batches(train_loader), and drop the other watchdog
-lines, check_replicas_in_sync and the `with one_line_errors():`.
+lines, check_replicas_in_sync and the `with one_line_errors():`; dist.init_process_group(backend) for
+init_process_group(...).
 """
 import contextlib
+import ctypes
+import datetime
 import gc
 import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -40,10 +47,11 @@ CKPT_MINUTES = 30.0               # also write last.pt mid-epoch this often: a k
 CHECK_EVERY = 10                  # steps between the ranks' agreement: signals, checkpoints, a NaN loss
 LOADER_TIMEOUT = 300              # seconds a batch may take before a hung data-loading worker is an error
 MAX_BAD_FILES = 0.01              # share of unreadable training files replaced before the dataset is broken
+DIST_TIMEOUT = 300                # seconds a collective waits for a hung peer before failing (torch: 10-30 min)
 # what --resume may change (paths and system settings); every other flag fixes the recipe and must match
 FREE_KEYS = {'data', 'data_dir', 'teacher_checkpoint', 'workers', 'compile', 'eval_every', 'log_every', 'out_dir',
              'resume', 'ckpt_minutes', 'check_every', 'loader_timeout', 'max_bad_files', 'accum_steps', 'pretrained',
-             'init_checkpoint', 'eval_checkpoint'}
+             'init_checkpoint', 'eval_checkpoint', 'dist_timeout'}
 
 
 class Fail(SystemExit):
@@ -108,6 +116,10 @@ def worker_init(_):
     # must live on until then (a failing trainer SIGKILLs them: one_line_errors)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # a trainer killed outright takes its workers along at once: forked from it, they hold copies of its sockets
+    # to the other ranks, who would see those close only when torch's check (every 5 s) ended the orphans
+    if sys.platform == 'linux':
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def rng_states():
@@ -279,6 +291,20 @@ class Watchdog:
         return bool(stop)
 
 
+def init_process_group(backend, rank, world, timeout_s):
+    """DDP's process group, with a timeout (start and collectives) that turns a hung peer into an error. Under
+    torchrun --max-restarts on one node, each restart gets its own keys: torchrun's agent keeps one store for
+    all restarts, where a restarted rank reads a dead peer's address and fails to connect or hangs (pytorch#135712;
+    3 restarts of 3 of an all-reduce script here). Across nodes each agent counts its own restarts: set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun there, which then starts a fresh store per restart."""
+    timeout, store = datetime.timedelta(seconds=timeout_s), None
+    restart = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if restart is not None and int(os.environ.get('LOCAL_WORLD_SIZE', 0)) == world:
+        store, _, _ = next(dist.rendezvous('env://', rank, world, timeout=timeout))
+        store = dist.PrefixStore(f'restart{restart}', store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def check_replicas_in_sync(model, log):
     """DDP keeps replicas bitwise equal; check it at the end of training, since a silent desync would waste the
     run."""
@@ -355,7 +381,8 @@ def batch_sizes(cfg, world, last_path, device, log, trial):
 def one_line_errors():
     """Every failure ends as one line, and the data workers go with it: they ignore SIGTERM (worker_init), so
     they are killed here, or a hung one would block the exit. torch's SIGCHLD handler raises a worker's death
-    as a RuntimeError wherever the main process happens to be: that too becomes one line."""
+    as a RuntimeError wherever the main process happens to be: that too becomes one line, as does a collective
+    that fails because a peer died or hung (torchrun then stops every rank, and --max-restarts resumes them)."""
     try:
         yield
         if dist.is_initialized():
@@ -371,4 +398,8 @@ def one_line_errors():
             worker.kill()
         if isinstance(e, RuntimeError) and 'DataLoader worker' in str(e):
             raise Fail(f"data loading failed: {str(e).splitlines()[0].strip()}") from None
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and '/gloo/' in str(e)):
+            cause = re.sub(r'^\[[^]]*\] ', '', str(e).splitlines()[0]).split('. This is typically')[0]
+            raise Fail(f"rank {os.getenv('RANK')}: lost contact with the other processes ({cause}): one died or "
+                       f"hung, its own error says why; the last.pt from before is kept") from None
         raise

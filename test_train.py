@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -297,7 +298,8 @@ def test_config_spellings_and_errors():
 
 def test_constants_equal_the_paper():
     cfg = train.get_config(['--data', 'x'])
-    assert (cfg.img_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.alpha_kd, cfg.kd_tau) == (224, 300, 2e-3, 2e-2, 5, 1)
+    assert ((cfg.img_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.alpha_kd, cfg.kd_tau)
+            == (224, 300, 2e-3, 2e-2, 5, 1))
     assert (cfg.mixup, cfg.cutmix, cfg.aug_repeats, cfg.test_crop_ratio) == (0.8, 1.0, 3, 0.95)
     assert (cfg.teacher, cfg.rand_augment) == ('tresnet_v2_l', 'rand-m7-mstd0.5-inc1')
 
@@ -503,7 +505,8 @@ def test_bad_inputs(tiny_data, tmp_path):
                    "unknown model 'resnet_nope'")
     wrong_classes = str(tmp_path / 'ten_classes.pt')
     torch.save(timm.create_model('resnet10t', num_classes=10).state_dict(), wrong_classes)
-    teacher_args = ['--model', 'resnet10t', '--data', tiny_data, '--epochs', 1, '--out_dir', str(tmp_path / 'o2'), *FAST]
+    teacher_args = ['--model', 'resnet10t', '--data', tiny_data, '--epochs', 1, '--out_dir', str(tmp_path / 'o2'),
+                    *FAST]
     one_line_error(run_train(*teacher_args, '--teacher', 'resnet10t', '--teacher_checkpoint', wrong_classes,
                              check=False), 'has 10 classes, the dataset has 4')
     untrained = str(tmp_path / 'untrained.pt')
@@ -782,6 +785,70 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_data, tmp_path):
     assert 'train.py: error' not in stderr  # a clean stop on both ranks, not a crash
 
 
+def start_torchrun(*args):
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             *args[:-1], os.path.join(HERE, 'train.py'), *map(str, args[-1])],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pids(launcher):
+    """{rank: pid} of torchrun's worker processes: its children, with RANK in their environment."""
+    pids = {}
+    for pid in open(f'/proc/{launcher.pid}/task/{launcher.pid}/children').read().split():
+        try:
+            env = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+        except OSError:  # gone meanwhile
+            continue
+        pids.update({int(kv[5:]): int(pid) for kv in env if kv.startswith(b'RANK=')})
+    return pids
+
+
+def seconds_to_exit(pid, proc, seconds=60):
+    """How long `pid` takes to exit from now (a zombie counts: torchrun reaps it when it gets there)."""
+    def exited():
+        try:
+            return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] == 'Z'
+        except OSError:
+            return True
+    t0 = time.time()
+    wait_for(exited, proc, seconds)
+    return time.time() - t0
+
+
+def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
+    """torchrun --max-restarts: SIGKILL rank 1 mid-run; rank 0 ends at once with one line, torchrun starts both
+    again, and --resume (passed from the first start) continues from last.pt to the end."""
+    out = str(tmp_path / 'run')
+    proc = start_torchrun('--max-restarts=1', [*RUN, '--data', tiny_data, '--out_dir', out, '--resume'])
+    last = os.path.join(out, 'last.pt')
+    wait_for(lambda: (s := saved(last)) is not None and s['epoch'] == 1, proc)
+    ranks = rank_pids(proc)
+    os.kill(ranks[1], signal.SIGKILL)
+    survivor_exit = seconds_to_exit(ranks[0], proc)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith('train.py: error:')]
+    assert len(errors) == 1 and errors[0].startswith('train.py: error: rank 0: lost contact with the other'), stderr
+    assert survivor_exit < 10 and 'Traceback' not in stderr, stderr
+    assert re.search(r'resume: \S+last.pt at epoch [12], step', stdout), stdout
+    assert 'weights identical across 2 ranks: True' in stdout
+    assert saved(last)['step'] == 36 and [r['epoch'] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_a_hung_rank_is_an_error_after_dist_timeout(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    proc = start_torchrun([*RUN, '--data', tiny_data, '--out_dir', out, '--dist_timeout', 10])
+    wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)
+    ranks = rank_pids(proc)
+    os.kill(ranks[1], signal.SIGSTOP)  # alive and silent, as on a stuck GPU or a lost node
+    survivor_exit = seconds_to_exit(ranks[0], proc)
+    os.kill(ranks[1], signal.SIGCONT)  # it then finds rank 0 gone (else torchrun's SIGKILL after 30 s)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and survivor_exit < 25, stderr[-3000:]
+    assert 'train.py: error: rank 0: lost contact with the other processes (Timed out waiting 10000ms' in stderr
+    assert stderr.count('Traceback') == stderr.count('errors.ChildFailedError:') == 1  # torchrun's own report
+
+
 # ---------------------------------------------------------------- ablations.sh
 
 def test_ablation_tables_pair_kd_and_no_kd_by_seed(tmp_path):
@@ -797,7 +864,8 @@ def test_ablation_tables_pair_kd_and_no_kd_by_seed(tmp_path):
     log('r10t_kd_s0', (75.0, 74.0))
     log('r10t_kd_s1', (None, None))  # still training
     proc = subprocess.run(['bash', os.path.join(HERE, 'ablations.sh'), str(tmp_path), 'summary'],
-                          capture_output=True, text=True, env=dict(ENV, PATH=os.path.dirname(sys.executable) + ':' + ENV['PATH']))
+                          capture_output=True, text=True,
+                          env=dict(ENV, PATH=os.path.dirname(sys.executable) + ':' + ENV['PATH']))
     assert proc.returncode == 0, proc.stderr
     assert '| resnet10t (CNN) | 72.50 (71.00 / 74.00) | 75.00 (75.00) | +4.00 (+4.00) |' in proc.stdout
     assert '| xcit_nano_12_p8_224 (transformer) | not run | not run | n/a |' in proc.stdout
@@ -899,7 +967,8 @@ def test_eval_checkpoint_prints_the_best_top1(teacher_run, tiny_data, tmp_path):
     for path, lines in ((os.path.join(teacher_dir, 'best.pt'), 2), (timm_checkpoint, 1)):
         proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--eval_checkpoint', path,
                          '--out_dir', tmp_path / 'out', *FAST)
-        printed = [line.split('val top-1 ')[1].split('%')[0] for line in proc.stdout.splitlines() if 'val top-1' in line]
+        printed = [line.split('val top-1 ')[1].split('%')[0] for line in proc.stdout.splitlines()
+                   if 'val top-1' in line]
         assert len(printed) == lines and f"{best['best']['top1']:.2f}" in printed, proc.stdout  # raw and EMA
 
 
@@ -935,7 +1004,8 @@ def test_flat_imagenet_val_is_sorted_by_the_readme_command(tiny_data, tmp_path):
     subprocess.run(['bash', '-c', command], check=True, env=dict(ENV, PATH=os.path.dirname(sys.executable) + ':'
                                                                            + ENV['PATH']))
     assert sorted(os.listdir(data / 'val')) == sorted(set(labels))
-    assert sorted(os.listdir(data / 'val' / 'disc')) == [f'val_{i:05d}.png' for i, c in enumerate(labels) if c == 'disc']
+    assert (sorted(os.listdir(data / 'val' / 'disc'))
+            == [f'val_{i:05d}.png' for i, c in enumerate(labels) if c == 'disc'])
 
 
 def test_quickstart_prints_the_table(tiny_data, tmp_path):

@@ -28,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
 from distill import chance_threshold, kd_loss, load_teacher, load_weights, prepare_teacher
-from resilience import (CHECK_EVERY, CKPT_MINUTES, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
-                        SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, one_line_errors,
-                        resume, worker_init)
+from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
+                        SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
+                        one_line_errors, resume, worker_init)
 
 # -----------------------------------------------------------------------------
 # model and data
@@ -61,7 +61,7 @@ RAND_AUGMENT = 'rand-m7-mstd0.5-inc1'  # RandAugment m7, mstd 0.5 (Table 1; 'inc
 MIXUP = 0.8                       # mixup alpha (Table 1)
 CUTMIX = 1.0                      # cutmix alpha (Table 1); one of the two per batch, probability 0.5 each
 AUG_REPEATS = 3                   # repeated augmentation (Table 1): each chosen image 3x per epoch
-# system (and resilience.py's CKPT_MINUTES, CHECK_EVERY, LOADER_TIMEOUT, MAX_BAD_FILES for long runs)
+# system (and resilience.py's CKPT_MINUTES, CHECK_EVERY, LOADER_TIMEOUT, MAX_BAD_FILES, DIST_TIMEOUT: long runs)
 WORKERS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)  # cores/process-1
 COMPILE = True                    # torch.compile the student and teacher (CUDA only)
 EVAL_EVERY = 1                    # validate every N epochs (and always after the last)
@@ -72,7 +72,7 @@ SEED = 0                          # base seed; rank r uses SEED + r
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str))]
 # must be > 0 (>= 0 for the rest): a bad value is stopped here, not 300 epochs later
 POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'ACCUM_STEPS', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY', 'AUG_REPEATS',
-            'TEST_CROP_RATIO', 'CHECK_EVERY'}
+            'TEST_CROP_RATIO', 'CHECK_EVERY', 'DIST_TIMEOUT'}
 
 
 def parse_bool(s):
@@ -254,7 +254,7 @@ def setup(cfg):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if world > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank, world, cfg.dist_timeout)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"config: {json.dumps(vars(cfg))}\nprocesses: {world}, device: {device}")
     os.makedirs(cfg.out_dir, exist_ok=True)
