@@ -822,6 +822,7 @@ def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     proc = start_torchrun('--max-restarts=1', [*RUN, '--data', tiny_data, '--out_dir', out, '--resume'])
     last = os.path.join(out, 'last.pt')
     wait_for(lambda: (s := saved(last)) is not None and s['epoch'] == 1, proc)
+    time.sleep(1)  # into epoch 2
     ranks = rank_pids(proc)
     os.kill(ranks[1], signal.SIGKILL)
     survivor_exit = seconds_to_exit(ranks[0], proc)
