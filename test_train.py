@@ -29,6 +29,7 @@ from distill import fuse_bn, kd_loss, load_teacher, prepare_teacher
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 FAST = ['--img_size', '32', '--batch_size', '32', '--workers', '1', '--log_every', '5']
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')  # 2 CPU processes
 
 
 def run_train(*args, check=True, launcher=(sys.executable,)):
@@ -474,8 +475,7 @@ def test_resume_continues_from_the_saved_step(tiny_data, tmp_path):
 def test_ddp_two_processes(tiny_data, tmp_path):
     out = str(tmp_path / 'ddp')
     proc = run_train('--model', 'resnet10t', '--data', tiny_data, '--teacher', 'none', '--epochs', 2,
-                     '--out_dir', out, '--resume', *FAST, launcher=(sys.executable, '-m', 'torch.distributed.run',
-                                                                    '--standalone', '--nproc_per_node=2'))
+                     '--out_dir', out, '--resume', *FAST, launcher=TORCHRUN)
     assert 'processes: 2' in proc.stdout
     assert f"no {os.path.join(out, 'last.pt')} yet, starting fresh" in proc.stdout  # --resume with nothing yet
     assert 'weights identical across 2 ranks: True' in proc.stdout
@@ -590,8 +590,8 @@ def test_max_batch_search_finds_the_boundary(monkeypatch):
 RUN = ['--model', 'resnet10t', '--teacher', 'none', '--epochs', 3, *FAST]
 
 
-def start_train(*args):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV,
+def start_train(*args, launcher=(sys.executable,)):
+    return subprocess.Popen([*launcher, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -688,8 +688,7 @@ def test_resume_refusals(tiny_data, reference_run, tmp_path):
                    'is for another dataset')
     mid = dict(reference_run, epoch_step=4, epoch=1)
     torch.save(mid, os.path.join(out, 'last.pt'))
-    proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume', check=False,
-                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume', check=False, launcher=TORCHRUN)
     assert proc.returncode != 0 and 'resume on 1 processes' in rank_errors(proc)
 
 
@@ -700,8 +699,7 @@ def test_resume_on_more_processes_after_an_epoch(tiny_data, tmp_path):
     wait_for(lambda: (s := saved(os.path.join(out, 'last.pt'))) is not None and s['epoch_step'] == 0, proc)
     proc.kill()
     proc.wait()
-    resumed = run_train(*args, '--resume', launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                      '--nproc_per_node=2'))
+    resumed = run_train(*args, '--resume', launcher=TORCHRUN)
     assert 'processes: 2' in resumed.stdout and 'weights identical across 2 ranks: True' in resumed.stdout
     final = saved(os.path.join(out, 'last.pt'))
     assert final['step'] == 36 and final['config']['batch_size'] == 32  # same global batch and schedule
@@ -715,7 +713,7 @@ def test_nonfinite_loss_stops_the_run(tiny_data, tmp_path):
     assert ckpt is None or all(t.isfinite().all() for t in ckpt['model'].values() if t.is_floating_point())
     # under DDP the ranks agree on it: both stop with the same step named
     proc = run_train(*RUN, '--data', tiny_data, '--out_dir', str(tmp_path / 'ddp'), '--lr', '1e30', check=False,
-                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+                     launcher=TORCHRUN)
     assert proc.returncode != 0 and 'non-finite loss' in rank_errors(proc)
 
 
@@ -740,8 +738,7 @@ def test_unreadable_files_are_replaced_and_counted(tmp_path):
     one_line_error(run_train(*RUN, '--data', broken, '--out_dir', str(tmp_path / 'b'), check=False),
                    'unreadable training files', 'the dataset is broken')
     # under DDP the failing rank takes the other one down: torchrun ends non-zero, in bounded time
-    proc = run_train(*RUN, '--data', broken, '--out_dir', str(tmp_path / 'ddp'), check=False,
-                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    proc = run_train(*RUN, '--data', broken, '--out_dir', str(tmp_path / 'ddp'), check=False, launcher=TORCHRUN)
     assert proc.returncode != 0 and 'the dataset is broken' in proc.stderr
 
 
@@ -773,9 +770,7 @@ def test_dead_worker_is_an_error(tiny_data, tmp_path):
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_data, tmp_path):
     out = str(tmp_path / 'ddp')
-    proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             os.path.join(HERE, 'train.py'), *map(str, RUN), '--data', tiny_data, '--out_dir', out],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_train(*RUN, '--data', tiny_data, '--out_dir', out, launcher=TORCHRUN)
     wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
     stdout, stderr = proc.communicate(timeout=120)
@@ -783,12 +778,6 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_data, tmp_path):
     stopped = saved(os.path.join(out, 'last.pt'))
     assert len(stopped['rng']) == 2 and stopped['step'] > 12  # both ranks' RNG states, saved after epoch 1
     assert 'train.py: error' not in stderr  # a clean stop on both ranks, not a crash
-
-
-def start_torchrun(*args):
-    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             *args[:-1], os.path.join(HERE, 'train.py'), *map(str, args[-1])],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def rank_pids(launcher):
@@ -819,7 +808,8 @@ def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     """torchrun --max-restarts: SIGKILL rank 1 mid-run; rank 0 ends at once with one line, torchrun starts both
     again, and --resume (passed from the first start) continues from last.pt to the end."""
     out = str(tmp_path / 'run')
-    proc = start_torchrun('--max-restarts=1', [*RUN, '--data', tiny_data, '--out_dir', out, '--resume'])
+    proc = start_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume',
+                       launcher=(*TORCHRUN, '--max-restarts=1'))
     last = os.path.join(out, 'last.pt')
     wait_for(lambda: (s := saved(last)) is not None and s['epoch'] == 1, proc)
     time.sleep(1)  # into epoch 2
@@ -838,7 +828,7 @@ def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
 
 def test_a_hung_rank_is_an_error_after_dist_timeout(tiny_data, tmp_path):
     out = str(tmp_path / 'run')
-    proc = start_torchrun([*RUN, '--data', tiny_data, '--out_dir', out, '--dist_timeout', 10])
+    proc = start_train(*RUN, '--data', tiny_data, '--out_dir', out, '--dist_timeout', 10, launcher=TORCHRUN)
     wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)
     ranks = rank_pids(proc)
     os.kill(ranks[1], signal.SIGSTOP)  # alive and silent, as on a stuck GPU or a lost node
@@ -941,7 +931,6 @@ def test_worker_death_during_a_checkpoint_write(tmp_path):
 
 ACCUM = ['--model', 'test_convnext', '--teacher', 'none', '--mixup', 0, '--cutmix', 0, '--epochs', 1,
          '--train_subset', 48, '--img_size', 32, '--batch_size', 16, '--workers', 1]
-TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
 
 
 @pytest.mark.parametrize('launcher', [(sys.executable,), TORCHRUN], ids=['1 process', '2 processes'])
