@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import train
 from distill import has_fast_bf16, prepare_teacher
-from resilience import find_max_batch, fits_in_memory
+from resilience import find_max_batch, fits_in_memory, usable_batch
 
 
 def get_args(argv=None):
@@ -140,7 +140,7 @@ def main(argv=None):
                 row[key] = find_max_batch(lambda b: fits_in_memory(
                     lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device)))
             del model
-            row['recommended_batch'] = int(0.85 * (row['max_batch_kd'] or row['max_batch'])) // 8 * 8
+            row['recommended_batch'] = usable_batch(row['max_batch_kd'] or row['max_batch'])
             batch = row['recommended_batch'] if args.batch_size == 'auto' else batch
         row['batch_size'] = batch
         timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device)

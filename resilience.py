@@ -347,6 +347,11 @@ def fits_in_memory(trial):
             torch.cuda.empty_cache()
 
 
+def usable_batch(largest):
+    """0.85 of the largest batch that fits (the paper advises 0.8-0.9: headroom for fragmentation), a multiple of 8."""
+    return int(0.85 * largest) // 8 * 8
+
+
 def batch_sizes(cfg, world, last_path, device, log, trial):
     """(global batch, micro-batches per step): --batch_size and --accum_steps, where 'auto' takes 0.85 of the
     largest per-process batch for which trial(batch) fits in device memory (the paper advises 0.8-0.9), the same
@@ -364,7 +369,7 @@ def batch_sizes(cfg, world, last_path, device, log, trial):
         np.random.set_state(np_state)
     if dist.is_initialized():
         dist.all_reduce(largest, op=dist.ReduceOp.MIN)
-    usable = int(0.85 * largest.item()) // 8 * 8
+    usable = usable_batch(largest.item())
     if usable < 2:
         raise Fail(f"--batch_size / --accum_steps auto: the largest batch that fits is {largest.item()} per process, "
                    f"too small for mixup/cutmix pairs; use a smaller --model or --teacher, or a lower --img_size")
