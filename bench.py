@@ -8,7 +8,6 @@ synchronized. The training step is train.py's own `train_step`, imported, not co
     python bench.py --models resnet50,tresnet_m --batch_size auto --json bench.json
 """
 import argparse
-import contextlib
 import copy
 import functools
 import itertools
@@ -68,7 +67,7 @@ def img_per_sec(fn, batch, steps, device, warmup=None):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def make_train_step(name, teacher, cfg, batch, device, compile, num_classes):
+def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, autocast):
     """A closure running train.py's train_step once on a fixed synthetic batch, as train.py sets it up."""
     on_cuda = device.type == 'cuda'
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
@@ -76,7 +75,6 @@ def make_train_step(name, teacher, cfg, batch, device, compile, num_classes):
     optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=10 ** 9)
     step_model = torch.compile(model) if compile else model
     mixup_fn = train.make_mixup(cfg, num_classes)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, num_classes, (batch,), device=device)
     return lambda: train.train_step(step_model, teacher, images.clone(), labels, mixup_fn, optimizer, scheduler,
@@ -125,6 +123,7 @@ def main(argv=None):
     on_cuda = device.type == 'cuda'
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on_cuda  # as train.py
     torch.backends.cudnn.benchmark = on_cuda
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=on_cuda)  # as train.py: bf16 on CUDA only
     cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size),
                             '--workers', str(args.workers)])
     variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
@@ -138,14 +137,14 @@ def main(argv=None):
             model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
             for key, kd_teacher in [('max_batch', None)] + ([('max_batch_kd', teacher)] if teacher else []):
                 row[key] = find_max_batch(lambda b: fits_in_memory(
-                    lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device)))
+                    lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device, autocast)))
             del model
             row['recommended_batch'] = usable_batch(row['max_batch_kd'] or row['max_batch'])
             batch = row['recommended_batch'] if args.batch_size == 'auto' else batch
         row['batch_size'] = batch
         timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device)
         train_step = functools.partial(make_train_step, name, cfg=cfg, batch=batch, device=device, compile=args.compile,
-                                       num_classes=args.num_classes)
+                                       num_classes=args.num_classes, autocast=autocast)
         if teacher is not None:
             if batch not in teacher_speeds:
                 teacher_speeds[batch] = {stage: timed(make_inference(m, batch, args.img_size, device))

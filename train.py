@@ -234,13 +234,12 @@ def evaluate(model, batches, device, autocast):
     return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item()
 
 
-def trial_steps(model, teacher, batch, cfg, num_classes, device):
+def trial_steps(model, teacher, batch, cfg, num_classes, device, autocast):
     """Two train steps (the second holds AdamW's moments), uncompiled, on a copy: what --batch_size auto tries."""
     trial = copy.deepcopy(model)
     optimizer, scheduler = make_optimizer(trial, cfg, total_steps=2)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=torch.device(device).type == 'cuda')
     for _ in range(2):  # channels-last makes a fresh copy each time: mixup mixes in place
         train_step(trial, teacher, images.contiguous(memory_format=torch.channels_last), labels,
                    make_mixup(cfg, num_classes), optimizer, scheduler, cfg, autocast)
@@ -294,7 +293,7 @@ def main(argv):
 
     # batch and loaders: --batch_size is the global batch, split over the processes, each in `accum` micro-batches
     global_batch, accum = batch_sizes(cfg, world, last_path, device, log,
-                                      lambda b: trial_steps(model, teacher, b, cfg, num_classes, device))
+                                      lambda b: trial_steps(model, teacher, b, cfg, num_classes, device, autocast))
     batch = global_batch // world
     if global_batch % world or batch % accum or (batch // accum % 2 and (cfg.mixup or cfg.cutmix)):
         raise Fail(f"--batch_size {global_batch} over {world} processes and {accum} micro-batches: each part must be "
