@@ -4,13 +4,16 @@ import fcntl
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,12 +36,79 @@ FAST = ['--img_size', '32', '--batch_size', '32', '--workers', '1', '--log_every
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')  # 2 CPU processes
 
 
-def run_train(*args, check=True, launcher=(sys.executable,)):
-    proc = subprocess.run([*launcher, os.path.join(HERE, 'train.py'), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=HERE, timeout=600)
+def start_train(*args, launcher=None):
+    """`python train.py args` (as a ForkedRun), or under `launcher` (torchrun), as a subprocess.Popen."""
+    if launcher is None:
+        return ForkedRun([str(a) for a in args])
+    return subprocess.Popen([*launcher, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_train(*args, check=True, launcher=None):
+    proc = start_train(*args, launcher=launcher)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill() if proc.poll() is None else None
     if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_as_main(args, stdout, stderr):
+    """A forkserver child: `python train.py args`, in a fresh process that finds torch, torchvision and timm
+    imported. Importing them costs 4-8 s on a 2-core runner: paid once per pytest worker instead of once for each
+    of some 40 runs. (torchrun's ranks and quickstart.py's runs still start train.py as plain processes.)"""
+    multiprocessing.set_start_method('fork', force=True)  # train.py's data workers fork from it, as they would
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # what a test reads mid-run is there, as with PYTHONUNBUFFERED
+    os.environ.clear()
+    os.environ.update(ENV)
+    os.chdir(HERE)
+    torch.set_num_threads(int(ENV['OMP_NUM_THREADS']))  # the server read the environment before ENV
+    sys.argv = [os.path.join(HERE, 'train.py'), *args]
+    runpy.run_path(sys.argv[0], run_name='__main__')
+
+
+class ForkedRun:
+    """subprocess.Popen's interface, as these tests use it, over a run_as_main process: a real process of its
+    own (its pid, signals, data workers, exit status, stdout and stderr), forked from a server that has imported
+    this file and so train.py's libraries, but has run nothing (so forking it is safe, as for data workers)."""
+    server = multiprocessing.get_context('forkserver')
+    server.set_forkserver_preload([__name__])
+
+    def __init__(self, args):
+        self.args, self.returncode, self.folder = ['train.py', *args], None, tempfile.TemporaryDirectory()
+        self.out, self.err = (os.path.join(self.folder.name, name) for name in ('stdout', 'stderr'))
+        for path in (self.out, self.err):
+            open(path, 'w').close()
+        self.process = self.server.Process(target=run_as_main, args=(args, self.out, self.err))
+        self.process.start()
+        self.pid, self.stderr = self.process.pid, open(self.err)
+
+    def poll(self):
+        if self.returncode is None and not self.process.is_alive():
+            self.returncode = self.process.exitcode
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        self.stderr.close()
+        return tuple(open(path).read() for path in (self.out, self.err))
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
 
 
 def read_log(out_dir):
@@ -593,11 +663,6 @@ def test_max_batch_search_finds_the_boundary(monkeypatch):
 # ---------------------------------------------------------------- surviving what clusters do to a run
 
 RUN = ['--model', MODEL, '--teacher', 'none', '--epochs', 3, *FAST]
-
-
-def start_train(*args, launcher=(sys.executable,)):
-    return subprocess.Popen([*launcher, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(condition, proc, seconds=300):
