@@ -555,6 +555,18 @@ def test_ddp_two_processes(tiny_data, tmp_path):
     assert 0 <= log[-1]['val_top1'] <= 100
 
 
+def test_quickstart_prints_the_table(tiny_data, tmp_path):
+    """The one command of the README's quick start, made small by QUICKSTART_ARGS."""
+    small = f'--data {tiny_data} --img_size 32 --batch_size 32 --epochs 3 --mixup 0 --cutmix 0 --workers 1'
+    proc = subprocess.run([sys.executable, os.path.join(HERE, 'quickstart.py'), str(tmp_path / 'qs')], text=True,
+                          capture_output=True, env=dict(ENV, QUICKSTART_ARGS=small), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index('| run |'):].splitlines()
+    assert len(table) == 5 and table[2].startswith('| teacher | resnet18 |')
+    assert table[3].startswith('| student with KD | mobilenetv3_small_100 |') and table[4].endswith(' min |')
+    assert os.path.exists(tmp_path / 'qs' / 'student_kd' / 'best.pt')
+
+
 # ---------------------------------------------------------------- bad input
 
 def one_line_error(proc, *needles):
@@ -1084,18 +1096,6 @@ def test_flat_imagenet_val_is_sorted_by_the_readme_command(tiny_data, tmp_path):
     assert sorted(os.listdir(data / 'val')) == sorted(set(labels))
     assert (sorted(os.listdir(data / 'val' / 'disc'))
             == [f'val_{i:05d}.png' for i, c in enumerate(labels) if c == 'disc'])
-
-
-def test_quickstart_prints_the_table(tiny_data, tmp_path):
-    """The one command of the README's quick start, made small by QUICKSTART_ARGS."""
-    small = f'--data {tiny_data} --img_size 32 --batch_size 32 --epochs 3 --mixup 0 --cutmix 0 --workers 1'
-    proc = subprocess.run([sys.executable, os.path.join(HERE, 'quickstart.py'), str(tmp_path / 'qs')], text=True,
-                          capture_output=True, env=dict(ENV, QUICKSTART_ARGS=small), cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index('| run |'):].splitlines()
-    assert len(table) == 5 and table[2].startswith('| teacher | resnet18 |')
-    assert table[3].startswith('| student with KD | mobilenetv3_small_100 |') and table[4].endswith(' min |')
-    assert os.path.exists(tmp_path / 'qs' / 'student_kd' / 'best.pt')
 
 
 def test_auto_batch_keeps_a_given_accumulation(tmp_path):
