@@ -196,9 +196,10 @@ def resume(path, run, stateful, log_path, log):
     start without `path` or with no last.pt yet (so that a requeue script can always pass --resume)."""
     fresh = {'epoch': 0, 'step': 0, 'epoch_step': 0, 'best': {'top1': -1.0, 'epoch': 0}, 'loss_sum': torch.zeros(2),
              'bad_files': set()}
-    if path is not None and not os.path.exists(path):
+    if path is None:
+        return fresh
+    if not os.path.exists(path):
         log(f"resume: no {path} yet, starting fresh")
-    if path is None or not os.path.exists(path):
         return fresh
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
