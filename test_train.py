@@ -138,6 +138,15 @@ def tiny_data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('data'))
 
 
+@pytest.fixture
+def keep_stop_handlers():
+    """For tests that build a Watchdog in this process: it takes SIGTERM and SIGUSR1, given back afterwards."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
 def made_once(tmp_path_factory, name, make):
     """A session's folder that the first pytest-xdist worker to need it makes while the others wait, so that the
     two do not each train it. (xdist_group marks do not promise that: with pytest 9.2, pytest-xdist 3.8 groups
@@ -521,13 +530,10 @@ def test_teacher_then_student(teacher_run, tiny_data, tmp_path):
 def test_resume_continues_from_the_saved_step(tiny_data, tmp_path):
     out = str(tmp_path / 'run')
     args = ['--model', MODEL, '--data', tiny_data, '--teacher', 'none', '--epochs', 4, '--out_dir', out, *FAST]
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_train(*args)
     last = os.path.join(out, 'last.pt')
-    deadline = time.time() + 300
-    while not os.path.exists(last) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    wait_for(lambda: os.path.exists(last), proc)
+    proc.kill()
     proc.wait()
     saved = torch.load(last, weights_only=True)
     assert 1 <= saved['epoch'] < 4, 'the run was not interrupted mid-way'
@@ -824,21 +830,16 @@ def test_unreadable_files_are_replaced_and_counted(tmp_path):
     assert proc.returncode != 0 and 'the dataset is broken' in proc.stderr
 
 
-def test_a_worker_dying_mid_batch_is_one_line():
+def test_a_worker_dying_mid_batch_is_one_line(keep_stop_handlers):
     """A worker killed while its batch is in transit: torch re-raises the socket's ConnectionResetError where it
     has not yet seen the worker exit (once in the suite's runs of the test below). That too is the one line."""
     def loader():
         yield torch.zeros(2, 3, 8, 8), torch.zeros(2), [None, None]
         raise ConnectionResetError(104, 'Connection reset by peer')
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        watchdog = resilience.Watchdog(train.get_config(['--data', 'x']), torch.device('cpu'), 0, 10,
-                                       {'step': 7, 'bad_files': set()}, print)
-        with pytest.raises(resilience.Fail, match='data loading failed at step 7: a data worker died while sending'):
-            list(watchdog.batches(loader()))
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    watchdog = resilience.Watchdog(train.get_config(['--data', 'x']), torch.device('cpu'), 0, 10,
+                                   {'step': 7, 'bad_files': set()}, print)
+    with pytest.raises(resilience.Fail, match='data loading failed at step 7: a data worker died while sending'):
+        list(watchdog.batches(loader()))
 
 
 def test_hung_worker_is_an_error(tmp_path):
@@ -988,19 +989,14 @@ def test_uint8_path_equals_the_float_path(tiny_data):
         assert labels.tolist() == [dataset.samples[index][1] for index, _ in items]
 
 
-def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys):
+def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys, keep_stop_handlers):
     class SlowDataset(resilience.RobustDataset):  # a loader far slower than the step: the run is data-bound
         def __getitem__(self, item):
             time.sleep(0.03)
             return super().__getitem__(item)
     monkeypatch.setattr(train, 'RobustDataset', SlowDataset)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        train.main([str(a) for a in ('--model', MODEL, '--data', tiny_data, '--teacher', 'none', '--epochs', 1,
-                                     '--train_subset', 96, '--out_dir', tmp_path, *FAST[:4], '--workers', 0)])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    train.main([str(a) for a in ('--model', MODEL, '--data', tiny_data, '--teacher', 'none', '--epochs', 1,
+                                 '--train_subset', 96, '--out_dir', tmp_path, *FAST[:4], '--workers', 0)])
     record = read_log(str(tmp_path))[0]
     assert record['data_wait'] > 0.2
     assert 'warning: data-bound' in capsys.readouterr().out
@@ -1033,7 +1029,7 @@ ACCUM = ['--model', 'test_convnext', '--teacher', 'none', '--mixup', 0, '--cutmi
          '--train_subset', 48, '--img_size', 32, '--batch_size', 16, '--workers', 1]
 
 
-@pytest.mark.parametrize('launcher', [(sys.executable,), TORCHRUN], ids=['1 process', '2 processes'])
+@pytest.mark.parametrize('launcher', [None, TORCHRUN], ids=['1 process', '2 processes'])
 def test_accumulation_trains_like_the_whole_batch(launcher, tiny_data, tmp_path):
     """test_convnext has no BatchNorm and mixup/cutmix are off: 2 micro-batches of 8 give the step of 16."""
     runs = []
