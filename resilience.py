@@ -259,9 +259,9 @@ class Watchdog:
                 return
             except RuntimeError as e:
                 raise Fail(f"data loading failed at step {self.progress['step']}: {str(e).splitlines()[0]}") from None
-            except ConnectionError as e:  # torch re-raises the socket's error if the worker is not yet reaped
+            except (ConnectionError, EOFError) as e:  # the worker died while handing over a batch's shared memory
                 raise Fail(f"data loading failed at step {self.progress['step']}: a data worker died while sending "
-                           f"a batch ({e})") from None
+                           f"a batch ({type(e).__name__})") from None
             for name in filter(None, bad):
                 if name not in self.bad_files:
                     print(f"rank {self.rank}: unreadable file replaced by the next one: {name}")
