@@ -49,7 +49,8 @@ def run_train(*args, check=True, launcher=None):
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:
-        proc.kill() if proc.poll() is None else None
+        if proc.poll() is None:
+            proc.kill()
     if check:
         assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -673,8 +674,9 @@ def test_max_batch_search_finds_the_boundary(monkeypatch):
     cfg = train.get_config(['--data', 'x', '--img_size', '8'])
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     before = [p.clone() for p in model.parameters()]
-    trial = lambda b: train.trial_steps(model, None, b, cfg, 10, 'cpu', torch.autocast('cpu', enabled=False))  # noqa
-    assert find_max_batch(lambda b: fits_in_memory(lambda: trial(b))) == 100
+    no_autocast = torch.autocast('cpu', enabled=False)
+    assert find_max_batch(lambda b: fits_in_memory(
+        lambda: train.trial_steps(model, None, b, cfg, 10, 'cpu', no_autocast))) == 100
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # trials ran on a copy
 
 
