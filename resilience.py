@@ -51,7 +51,7 @@ DIST_TIMEOUT = 300                # seconds a collective waits for a hung peer b
 # what --resume may change (paths and system settings); every other flag fixes the recipe and must match
 FREE_KEYS = {'data', 'data_dir', 'teacher_checkpoint', 'workers', 'compile', 'eval_every', 'log_every', 'out_dir',
              'resume', 'ckpt_minutes', 'check_every', 'loader_timeout', 'max_bad_files', 'accum_steps', 'pretrained',
-             'init_checkpoint', 'eval_checkpoint', 'dist_timeout'}
+             'init_checkpoint', 'eval_checkpoint', 'dist_timeout', 'data_pipeline'}
 
 
 class Fail(SystemExit):

@@ -27,6 +27,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
+import device_data
 from distill import chance_threshold, kd_loss, load_teacher, load_weights, prepare_teacher
 from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
@@ -40,6 +41,7 @@ DATA_DIR = './data'               # where torchvision datasets are downloaded / 
 TRAIN_SUBSET = 0                  # train on a fixed random subset of this many images (0: all); for CPU runs
 IMG_SIZE = 224                    # train and test resolution (Table 1: 224 / 224)
 TEST_CROP_RATIO = 0.95            # eval: resize short side to round(224 / 0.95), center-crop 224 (Table 1)
+DATA_PIPELINE = 'device' if torch.cuda.is_available() else 'workers'  # decode + augment: device_data.py or PIL
 # teacher and KD
 TEACHER = 'tresnet_v2_l'          # TResNet-L, 83.9% top-1 (Table 1); 'none' trains without KD
 TEACHER_CHECKPOINT = ''           # local teacher weights (timm checkpoint or train.py's best.pt); '' = hub
@@ -100,6 +102,8 @@ def get_config(argv):
         value = getattr(cfg, key.lower())
         if type(value) in (int, float) and (math.isnan(value) or value < 0 or (key in POSITIVE and value == 0)):
             parser.error(f"--{key.lower()} must be {'> 0' if key in POSITIVE else '>= 0'}, got {value}")
+    if cfg.data_pipeline not in ('device', 'workers'):
+        parser.error(f"--data_pipeline must be device or workers, got '{cfg.data_pipeline}'")
     if not cfg.data:
         parser.error("--data is required: an ImageFolder root with train/ and val/, fashion-mnist or cifar10")
     if cfg.teacher.lower() == 'none':  # spelled one way, so that --resume compares like with like
@@ -113,12 +117,15 @@ def get_config(argv):
 # data
 
 def make_datasets(cfg, mean, std):
-    """(train_set, val_set, num_classes), USI's train transform and 0.95-crop eval, as uint8: see device_batches."""
+    """(train_set, val_set, num_classes), USI's train transform and 0.95-crop eval, as uint8: see device_batches.
+    --data_pipeline device: the workers read bytes and draw the same augmentation, which device_data applies."""
     train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.rand_augment, use_prefetcher=True,
                                 interpolation='bicubic', scale=(0.08, 1.0), hflip=0.5, mean=mean, std=std)
     val_tf = transforms.Compose([
         transforms.Resize(round(cfg.img_size / cfg.test_crop_ratio), transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(cfg.img_size), transforms.PILToTensor()])
+    on_device = cfg.data_pipeline == 'device'
+    train_tf, val_tf = (device_data.Draw(train_tf), device_data.Draw()) if on_device else (train_tf, val_tf)
     if cfg.data in ('fashion-mnist', 'cifar10'):
         builder = datasets.FashionMNIST if cfg.data == 'fashion-mnist' else datasets.CIFAR10  # made RGB, for timm
         train_tf, val_tf = (transforms.Compose([lambda img: img.convert('RGB'), t]) for t in (train_tf, val_tf))
@@ -129,11 +136,12 @@ def make_datasets(cfg, mean, std):
             raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} (offline, quickstart.py unpacks "
                        f"Debian's dataset-fashion-mnist): {str(e).splitlines()[0]}")
     else:
+        loader = device_data.read_file if on_device else datasets.folder.default_loader
         for split in ('train', 'val'):
             if not os.path.isdir(os.path.join(cfg.data, split)):
                 raise Fail(f"--data {cfg.data}: no {split}/ folder (expected an ImageFolder root with train/ and val/)")
         try:
-            train_set, val_set = (datasets.ImageFolder(os.path.join(cfg.data, split), transform=tf)
+            train_set, val_set = (datasets.ImageFolder(os.path.join(cfg.data, split), transform=tf, loader=loader)
                                   for split, tf in (('train', train_tf), ('val', val_tf)))
         except (FileNotFoundError, OSError) as e:  # ImageNet's val/ ships flat: images, no class folders
             flat = "; sort val/ into class folders (README, 'ImageNet')" if 'class folder' in str(e) else ''
@@ -153,18 +161,21 @@ def make_loader(dataset, batch, cfg, rank, sampler=None):
         RobustDataset(dataset), batch_size=batch, sampler=sampler, drop_last=sampler is not None,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
         timeout=cfg.loader_timeout if cfg.workers else 0, worker_init_fn=worker_init,
+        collate_fn=device_data.collate if cfg.data_pipeline == 'device' else None,
         generator=torch.Generator().manual_seed(cfg.seed + rank))
 
 
-def device_batches(batches, device, mean, std, memory_format=torch.contiguous_format):
+def device_batches(batches, device, mean, std, memory_format=torch.contiguous_format, augment=None):
     """Batches on the device, normalized there, one ahead (timm's PrefetchLoader, for our 3-item batches): uint8
-    crosses PCIe, 4x fewer bytes than fp32, on a side stream under the step; ToTensor + Normalize's arithmetic."""
+    crosses PCIe, 4x fewer bytes than fp32, on a side stream under the step; ToTensor + Normalize's arithmetic.
+    `augment` (device_data.Augment) decodes and augments the bytes and draws of --data_pipeline device there."""
     stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
     ahead = None
     for images, labels, *rest in batches:
         with torch.cuda.stream(stream):  # a no-op for None, on the CPU
-            images = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+            images = augment(images, device) if augment else images.to(device, non_blocking=True)
+            images = images.float().div_(255).sub_(mean).div_(std)
             batch = (images.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True), *rest)
         if ahead is not None:
             yield ahead
@@ -307,7 +318,9 @@ def main(argv):
         raise Fail(f"{len(train_sampler)} training images per process are fewer than the batch of {batch}")
     log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data: "
         f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch")
-    val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format)  # noqa: E731
+    augment = {split: device_data.Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
+               for split in ('train', 'val')} if cfg.data_pipeline == 'device' else {}
+    val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format, augment.get('val'))  # noqa
 
     if cfg.eval_checkpoint:  # evaluate and exit: train.py's checkpoints hold raw and EMA weights, timm's one set
         try:
@@ -348,7 +361,8 @@ def main(argv):
         train_sampler.set_epoch(epoch, start=progress['epoch_step'] * batch)
         t_epoch, t_log, epoch_start = time.time(), time.time(), progress['step']
         step_log = epoch_start
-        for images, labels in device_batches(watchdog.batches(train_loader), device, mean, std, memory_format):
+        for images, labels in watchdog.batches(device_batches(train_loader, device, mean, std, memory_format,
+                                                              augment.get('train'))):
             ce, kd = train_step(train_model, teacher, images, labels, mixup, optimizer, scheduler, cfg, autocast, accum)
             step = progress['step'] = progress['step'] + 1
             progress['epoch_step'] += 1
