@@ -101,12 +101,15 @@ def teacher_variants(name, args, device):
     return variants
 
 
-def data_pipeline_img_s(args, cfg, batch, device):
-    """img/s of train.py's data path alone (workers: decode, RandAugment, crop, uint8 collate; then the copy and
-    normalization on the device), in steady state: the workers' prefetched batches (2 each) are drawn first."""
+def data_pipeline_img_s(args, cfg, batch, device, pipeline):
+    """img/s of train.py's data path alone, in steady state (the workers' prefetched batches, 2 each, are drawn
+    first). workers: decode, crop, RandAugment and uint8 collate in the workers, then the copy and normalization on
+    the device; device: the workers read bytes and draw, the device decodes and augments (device_data.py)."""
+    cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': pipeline})
     loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch, cfg, 0)
     warmup = min(2 * max(1, args.workers) + 1, len(loader) - 1)
-    batches = train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    augment = train.device_data.Augment(cfg.img_size, True, IMAGENET_DEFAULT_MEAN) if pipeline == 'device' else None
+    batches = train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augment=augment)
     for _ in range(warmup):
         next(batches)
     sync(device)
@@ -163,9 +166,12 @@ def main(argv=None):
             ideal = 1 / (1 / row['train_img_s'] + 1 / row['teacher_prepared_img_s'])
             row.update(train_kd_img_s=kd, kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal,
                        kd_efficiency=kd / ideal)
-        if args.data:
-            row['data_img_s'] = data_pipeline_img_s(args, cfg, batch, device)
-            row['bound_by'] = 'data' if row['data_img_s'] < (row['train_kd_img_s'] or row['train_img_s']) else 'compute'
+        if args.data:  # both pipelines, each with --workers data workers
+            for pipeline in ('workers', 'device'):
+                row[f'data_{pipeline}_img_s'] = data_pipeline_img_s(args, cfg, batch, device, pipeline)
+            fastest = max(row['data_workers_img_s'], row['data_device_img_s'])
+            row.update(data_workers=args.workers, bound_by='data' if fastest < (row['train_kd_img_s'] or
+                                                                                row['train_img_s']) else 'compute')
         results.append(row)
     print_table(results)
     for batch, speeds in teacher_speeds.items():
@@ -187,8 +193,8 @@ def print_table(results):
     columns = ['model', 'teacher', 'device', 'batch_size', 'img_size', 'infer_img_s', 'train_img_s', 'train_kd_img_s',
                'kd_overhead', 'kd_ideal_img_s', 'kd_efficiency', 'teacher_plain_img_s', 'teacher_prepared_img_s',
                'max_batch', 'max_batch_kd', 'recommended_batch']
-    if any('data_img_s' in r for r in results):
-        columns += ['data_img_s', 'bound_by']
+    if any('data_device_img_s' in r for r in results):
+        columns += ['data_workers', 'data_workers_img_s', 'data_device_img_s', 'bound_by']
     print('| ' + ' | '.join(columns) + ' |')
     print('|' + '---|' * len(columns))
     for row in results:

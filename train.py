@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
-import device_data
+from device_data import Augment, Draw, collate, device_batches, read_file
 from distill import chance_threshold, kd_loss, load_teacher, load_weights, prepare_teacher
 from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
@@ -125,7 +125,7 @@ def make_datasets(cfg, mean, std):
         transforms.Resize(round(cfg.img_size / cfg.test_crop_ratio), transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(cfg.img_size), transforms.PILToTensor()])
     on_device = cfg.data_pipeline == 'device'
-    train_tf, val_tf = (device_data.Draw(train_tf), device_data.Draw()) if on_device else (train_tf, val_tf)
+    train_tf, val_tf = (Draw(train_tf), Draw()) if on_device else (train_tf, val_tf)
     if cfg.data in ('fashion-mnist', 'cifar10'):
         builder = datasets.FashionMNIST if cfg.data == 'fashion-mnist' else datasets.CIFAR10  # made RGB, for timm
         train_tf, val_tf = (transforms.Compose([lambda img: img.convert('RGB'), t]) for t in (train_tf, val_tf))
@@ -136,7 +136,7 @@ def make_datasets(cfg, mean, std):
             raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} (offline, quickstart.py unpacks "
                        f"Debian's dataset-fashion-mnist): {str(e).splitlines()[0]}")
     else:
-        loader = device_data.read_file if on_device else datasets.folder.default_loader
+        loader = read_file if on_device else datasets.folder.default_loader
         for split in ('train', 'val'):
             if not os.path.isdir(os.path.join(cfg.data, split)):
                 raise Fail(f"--data {cfg.data}: no {split}/ folder (expected an ImageFolder root with train/ and val/)")
@@ -161,29 +161,8 @@ def make_loader(dataset, batch, cfg, rank, sampler=None):
         RobustDataset(dataset), batch_size=batch, sampler=sampler, drop_last=sampler is not None,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
         timeout=cfg.loader_timeout if cfg.workers else 0, worker_init_fn=worker_init,
-        collate_fn=device_data.collate if cfg.data_pipeline == 'device' else None,
+        collate_fn=collate if cfg.data_pipeline == 'device' else None,
         generator=torch.Generator().manual_seed(cfg.seed + rank))
-
-
-def device_batches(batches, device, mean, std, memory_format=torch.contiguous_format, augment=None):
-    """Batches on the device, normalized there, one ahead (timm's PrefetchLoader, for our 3-item batches): uint8
-    crosses PCIe, 4x fewer bytes than fp32, on a side stream under the step; ToTensor + Normalize's arithmetic.
-    `augment` (device_data.Augment) decodes and augments the bytes and draws of --data_pipeline device there."""
-    stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
-    ahead = None
-    for images, labels, *rest in batches:
-        with torch.cuda.stream(stream):  # a no-op for None, on the CPU
-            images = augment(images, device) if augment else images.to(device, non_blocking=True)
-            images = images.float().div_(255).sub_(mean).div_(std)
-            batch = (images.contiguous(memory_format=memory_format), labels.to(device, non_blocking=True), *rest)
-        if ahead is not None:
-            yield ahead
-        if stream:  # the compute stream waits for this copy after step n, and owns its memory from then on
-            torch.cuda.current_stream().wait_stream(stream)
-            batch[0].record_stream(torch.cuda.current_stream())
-        ahead = batch
-    yield from [] if ahead is None else [ahead]
 
 
 # -----------------------------------------------------------------------------
@@ -318,7 +297,7 @@ def main(argv):
         raise Fail(f"{len(train_sampler)} training images per process are fewer than the batch of {batch}")
     log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data: "
         f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch")
-    augment = {split: device_data.Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
+    augment = {split: Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
                for split in ('train', 'val')} if cfg.data_pipeline == 'device' else {}
     val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format, augment.get('val'))  # noqa
 
