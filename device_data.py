@@ -71,14 +71,15 @@ class Draw:
 
     def __call__(self, item):  # item: a file's bytes (uint8 tensor), or a PIL image (torchvision's datasets)
         header = item if isinstance(item, Image.Image) else Image.open(io.BytesIO(item.numpy()))  # no decoding yet
+        if isinstance(item, Image.Image) or not gpu_decodable(header, item):  # decoded (or failing) before the
+            item = torch.from_numpy(np.array(header.convert('RGB'))).permute(2, 0, 1).contiguous()  # draws, as timm
         params = torch.full((5 + 2 * SLOTS,), -1.0, dtype=torch.float64)
         if self.crop:
             params[:4] = torch.tensor(self.crop.get_params(header, self.crop.scale, self.crop.ratio))
             params[4] = float(torch.rand(1) < self.flip.p)  # torchvision's RandomHorizontalFlip, as timm calls it
-            for slot, (name, level_args) in enumerate(self.rand_augment([])):
-                params[5 + 2 * slot: 7 + 2 * slot] = torch.tensor([OPS.index(name), (level_args or (0,))[0]])
-        if isinstance(item, Image.Image) or not gpu_decodable(header, item):
-            item = torch.from_numpy(np.array(header.convert('RGB'))).permute(2, 0, 1).contiguous()
+            for slot, (name, level_args) in enumerate(self.rand_augment([])):  # float32 would round the levels
+                params[5 + 2 * slot: 7 + 2 * slot] = torch.tensor([OPS.index(name), (level_args or (0,))[0]],
+                                                                  dtype=torch.float64)
         return item, params
 
 
