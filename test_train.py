@@ -715,24 +715,42 @@ def reference_run(tiny_data, tmp_path_factory):
     return saved(os.path.join(out, 'last.pt'))
 
 
-@pytest.mark.parametrize('where', ['after_epoch', 'mid_epoch'])
-def test_sigkill_then_resume_is_bit_identical(where, reference_run, tiny_data, tmp_path):
-    out = str(tmp_path / where)
-    args = [*RUN, '--data', tiny_data, '--ckpt_minutes', 0, '--out_dir', out]
+def kill_and_resume(args, out, mid, reference, steps):
+    """SIGKILL a run once last.pt is from epoch 1 (mid-epoch or at its end), resume it: the weights and EMA of an
+    uninterrupted run, bit for bit."""
     proc = start_train(*args)
     last = os.path.join(out, 'last.pt')
-    mid = where == 'mid_epoch'
     wait_for(lambda: (s := saved(last)) is not None and (s['epoch_step'] > 0) == mid and s['epoch'] == 1, proc)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
     resumed = run_train(*args, '--resume')
     assert 'resume:' in resumed.stdout and ('steps into epoch' in resumed.stdout) == mid
     final = saved(last)
-    assert final['step'] == reference_run['step'] == 36
+    assert final['step'] == reference['step'] == steps
     for key in ('model', 'ema'):
-        for name, tensor in reference_run[key].items():
+        for name, tensor in reference[key].items():
             assert torch.equal(final[key][name], tensor), f"{key}.{name} differs from the uninterrupted run"
     assert [r['epoch'] for r in read_log(out)] == [1, 2, 3]  # epochs logged after last.pt were dropped
+
+
+@pytest.mark.parametrize('where', ['after_epoch', 'mid_epoch'])
+def test_sigkill_then_resume_is_bit_identical(where, reference_run, tiny_data, tmp_path):
+    out = str(tmp_path / where)
+    kill_and_resume([*RUN, '--data', tiny_data, '--ckpt_minutes', 0, '--out_dir', out], out, where == 'mid_epoch',
+                    reference_run, 36)
+
+
+def test_sigkill_then_resume_is_bit_identical_on_the_device_path(jpeg_data, tmp_path):
+    """--data_pipeline device (decoding on the CPU here): the JPEGs' bytes, the odd files PIL decodes, the
+    truncated one replaced, every draw made in the workers from the sample's seed."""
+    # 64 px, batches of 16 and a checkpoint every 2 steps: epoch 1 (6 steps) spends about a second mid-epoch with
+    # last.pt written, which the 0.1 s polling sees (at 32 px and 32 a batch the whole run takes 1.6 s on 2 cores)
+    args = [*RUN, '--data', jpeg_data, '--ckpt_minutes', 0, '--check_every', 2, '--img_size', 64, '--batch_size', 16,
+            '--data_pipeline', 'device']
+    reference = str(tmp_path / 'reference')
+    run_train(*args, '--out_dir', reference)
+    out = str(tmp_path / 'killed')
+    kill_and_resume([*args, '--out_dir', out], out, True, saved(os.path.join(reference, 'last.pt')), 18)
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
