@@ -5,7 +5,7 @@ synchronized. The training step is train.py's own `train_step`, imported, not co
 
     python bench.py --model resnet50 --teacher tresnet_v2_l                 # GPU, 224 px
     python bench.py --model resnet18 --teacher resnet50 --img_size 64 --device cpu
-    python bench.py --models resnet50,tresnet_m --batch_size auto --json bench.json
+    python bench.py --models resnet50,tresnet_m --batch_size auto --data /path/to/imagenet  # + both data paths
 """
 import argparse
 import copy
@@ -102,15 +102,13 @@ def teacher_variants(name, args, device):
 
 
 def data_pipeline_img_s(args, cfg, batch, device, pipeline):
-    """img/s of train.py's data path alone, in steady state (the workers' prefetched batches, 2 each, are drawn
-    first). workers: decode, crop, RandAugment and uint8 collate in the workers, then the copy and normalization on
-    the device; device: the workers read bytes and draw, the device decodes and augments (device_data.py)."""
+    """img/s of train.py's data path in steady state (after the workers' prefetched batches, 2 each). workers: PIL
+    decodes and augments in the workers; device: they read bytes and draw, the device does the rest."""
     cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': pipeline})
     loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch, cfg, 0)
-    warmup = min(2 * max(1, args.workers) + 1, len(loader) - 1)
-    augment = train.device_data.Augment(cfg.img_size, True, IMAGENET_DEFAULT_MEAN) if pipeline == 'device' else None
-    batches = train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augment=augment)
-    for _ in range(warmup):
+    batches = train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augment=train.Augment(
+        cfg.img_size, True, IMAGENET_DEFAULT_MEAN) if pipeline == 'device' else None)
+    for _ in range(min(2 * max(1, args.workers) + 1, len(loader) - 1)):  # what the workers prefetched
         next(batches)
     sync(device)
     t0, timed = time.perf_counter(), 0
@@ -124,8 +122,7 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     on_cuda = device.type == 'cuda'
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on_cuda  # as train.py
-    torch.backends.cudnn.benchmark = on_cuda
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = on_cuda
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=on_cuda)  # as train.py: bf16 on CUDA only
     cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size),
                             '--workers', str(args.workers)])
@@ -152,9 +149,8 @@ def main(argv=None):
             if batch not in teacher_speeds:
                 teacher_speeds[batch] = {stage: timed(make_inference(m, batch, args.img_size, device))
                                          for stage, m in variants.items()}
-            speeds = teacher_speeds[batch]
-            row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'],
-                       teacher_steps_img_s=speeds)
+            speeds = row['teacher_steps_img_s'] = teacher_speeds[batch]
+            row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'])
         student = timm.create_model(name, num_classes=args.num_classes)
         student = prepare_teacher(student, (0.5,) * 3, (0.5,) * 3, device, compile=args.compile)
         row['infer_img_s'] = timed(make_inference(student, batch, args.img_size, device))
@@ -167,11 +163,10 @@ def main(argv=None):
             row.update(train_kd_img_s=kd, kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal,
                        kd_efficiency=kd / ideal)
         if args.data:  # both pipelines, each with --workers data workers
-            for pipeline in ('workers', 'device'):
-                row[f'data_{pipeline}_img_s'] = data_pipeline_img_s(args, cfg, batch, device, pipeline)
-            fastest = max(row['data_workers_img_s'], row['data_device_img_s'])
-            row.update(data_workers=args.workers, bound_by='data' if fastest < (row['train_kd_img_s'] or
-                                                                                row['train_img_s']) else 'compute')
+            data = {p: data_pipeline_img_s(args, cfg, batch, device, p) for p in ('workers', 'device')}
+            slower = max(data.values()) < (row['train_kd_img_s'] or row['train_img_s'])  # than the step, both
+            row.update(data_workers=args.workers, data_workers_img_s=data['workers'], data_device_img_s=data['device'],
+                       bound_by='data' if slower else 'compute')
         results.append(row)
     print_table(results)
     for batch, speeds in teacher_speeds.items():
