@@ -4,7 +4,7 @@ dead data workers, a dead or hung peer, a batch that does not fit in memory. Not
 train.py calls it in a few named places (init_process_group, the loaders, batch_sizes, resume, Watchdog,
 checkpoint, one_line_errors).
 
-What it guarantees (each failure is injected for real in test_train.py):
+What it guarantees (each failure is injected in test_train.py, for real but for three stand-ins: README, Tests):
 - A run killed at any moment and continued with --resume trains bit for bit like an uninterrupted one: each
   sample's augmentation is seeded by (seed, epoch, position) (SeededSampler, RobustDataset), and last.pt holds
   the sampler's position and every rank's RNG states (checkpoint, resume).

@@ -1222,6 +1222,27 @@ def test_device_path_batch_equals_the_workers_batch(jpeg_data):
             assert (stat(workers, (0, 2, 3)) - stat(device, (0, 2, 3))).abs().max() < 0.3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: nvJPEG')
+def test_cuda_device_path_matches_the_cpu():
+    """nvJPEG against libjpeg on baseline 4:2:0 JPEGs, and Augment (crop, resize, flip, every op) on CUDA
+    against the same on the CPU: within 2 levels of 255 on average per image (nvJPEG's IDCT and chroma
+    upsampling differ from libjpeg's), never run on this project's CPU-only machines."""
+    from device_data import OPS, Augment
+    jpegs = [torch.frombuffer(bytearray(photo_like_jpeg(180 + 10 * i, 140 + 7 * i, seed=i)), dtype=torch.uint8)
+             for i in range(len(OPS))]
+    cpu = torchvision.io.decode_jpeg(jpegs, device='cpu')
+    gpu = torchvision.io.decode_jpeg(jpegs, device='cuda')
+    for a, b in zip(cpu, gpu):
+        assert (a.float() - b.float().cpu()).abs().mean() < 2
+    params = torch.tensor([[10, 12, 100, 120, i % 2, i, 0.3 if i > 10 else 1.4, (i + 3) % 15, 15.0]
+                           for i in range(len(OPS))], dtype=torch.float64)
+    for train_split in (True, False):
+        augment = Augment(64, train_split, (0.485, 0.456, 0.406))
+        on_cpu = augment(batch_of(jpegs, params), torch.device('cpu'))
+        on_gpu = augment(batch_of(jpegs, params), torch.device('cuda')).cpu()
+        assert (on_cpu - on_gpu).abs().mean((1, 2, 3)).max() < 2
+
+
 def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys, keep_stop_handlers):
     class SlowDataset(resilience.RobustDataset):  # a loader far slower than the step: the run is data-bound
         def __getitem__(self, item):
