@@ -967,7 +967,7 @@ def test_a_hung_rank_is_an_error_after_dist_timeout(tiny_data, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and survivor_exit < 25, stderr[-3000:]
     assert 'train.py: error: rank 0: lost contact with the other processes (Timed out waiting 10000ms' in stderr
-    assert stderr.count('Traceback') == stderr.count('errors.ChildFailedError:') == 1  # torchrun's own report
+    assert stderr.count('Traceback') == stderr.count('errors.ChildFailedError:') == 1, stderr  # torchrun's own
 
 
 # ---------------------------------------------------------------- ablations.sh
