@@ -446,6 +446,12 @@ def test_weight_decay_skips_biases_and_norms():
     for group in optimizer.param_groups:
         assert group['weight_decay'] == (cfg.weight_decay if all(p.ndim > 1 for p in group['params']) else 0.0)
     assert {g['weight_decay'] for g in optimizer.param_groups} == {0.0, cfg.weight_decay}
+    # a ViT names its position embedding and class token (2-d and 3-d tensors) in no_weight_decay(), as timm decays
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, num_classes=4)
+    groups = train.make_optimizer(vit, cfg, total_steps=10)[0].param_groups
+    decayed = {id(p) for g in groups if g['weight_decay'] for p in g['params']}
+    assert vit.pos_embed.ndim == vit.cls_token.ndim == 3 and not decayed & {id(vit.pos_embed), id(vit.cls_token)}
+    assert id(vit.patch_embed.proj.weight) in decayed and id(vit.blocks[0].mlp.fc1.weight) in decayed
 
 
 # ---------------------------------------------------------------- sampler and schedule
