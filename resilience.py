@@ -368,19 +368,24 @@ def batch_sizes(cfg, world, last_path, device, log, trial):
         return torch.load(last_path, mmap=True, weights_only=True)['config']['batch_size'], given_accum
     if device.type != 'cuda':
         raise Fail("--batch_size / --accum_steps auto search for what fits in GPU memory; they need CUDA")
-    with torch.random.fork_rng(devices=[device]):  # the search leaves the RNGs as it found them
+    with torch.random.fork_rng(devices=[device] if torch.cuda.is_available() else []):  # RNGs left as they were
         np_state = np.random.get_state()
-        largest = torch.tensor(find_max_batch(lambda batch: fits_in_memory(lambda: trial(batch))), device=device)
+        largest = torch.tensor(find_max_batch(lambda batch: fits_in_memory(lambda: trial(batch))))
         np.random.set_state(np_state)
     if dist.is_initialized():
+        largest = largest.to(device)
         dist.all_reduce(largest, op=dist.ReduceOp.MIN)
     usable = usable_batch(largest.item())
     if usable < 2:
         raise Fail(f"--batch_size / --accum_steps auto: the largest batch that fits is {largest.item()} per process, "
                    f"too small for mixup/cutmix pairs; use a smaller --model or --teacher, or a lower --img_size")
-    if cfg.batch_size == 'auto':
-        log(f"batch: 0.85 of the largest that fits, {usable} per process, {usable * world} in all")
-        return usable * world, given_accum
+    if cfg.batch_size == 'auto':  # within the paper's range: Table 3 validates 512 to 3456 at the fixed lr 2e-3
+        batch = min(usable, max(8, cfg.max_batch // world // 8 * 8))  # a multiple of 8, as usable_batch
+        log(f"batch: 0.85 of the largest that fits, {usable} per process, {usable * world} in all" if batch == usable
+            else f"batch: {batch} per process, {batch * world} in all, capped by --max_batch {cfg.max_batch} (the "
+                 f"largest global batch the paper validates at lr 2e-3); 0.85 of the largest that fits would be "
+                 f"{usable} per process, {usable * world} in all")
+        return batch * world, given_accum
     batch = cfg.batch_size // world  # the fewest micro-batches that fit; 1 image each if nothing does
     accum = next((n for n in range(1, batch + 1) if batch % n == 0 and batch // n <= usable), batch)
     log(f"accumulation: {accum} micro-batches of {batch // accum} per process and step")

@@ -1354,6 +1354,25 @@ def test_flat_imagenet_val_is_sorted_by_the_readme_command(tiny_data, tmp_path):
             == [f'val_{i:05d}.png' for i, c in enumerate(labels) if c == 'disc'])
 
 
+def test_auto_batch_is_capped_at_the_papers_largest(tmp_path):
+    """--batch_size auto stays within Table 3's 512-3456 at lr 2e-3, and says so when it caps (a fake memory probe:
+    batches above `fits` images run out of memory)."""
+    cfg = train.get_config(['--data', 'x', '--batch_size', 'auto'])
+    for fits, world, expected in ((5000, 2, 3456), (5000, 8, 3456), (1000, 2, 1696), (1000, 1, 848)):
+        def trial(batch):
+            if batch > fits:
+                raise torch.OutOfMemoryError('fake: out of memory')
+        said = []
+        batch, accum = resilience.batch_sizes(cfg, world, str(tmp_path / 'none.pt'), torch.device('cuda'),
+                                              said.append, trial)
+        assert (batch, accum) == (expected, 1) and batch % world == 0
+        usable = resilience.usable_batch(fits)
+        capped = 'capped by --max_batch 3456' in said[0]
+        assert capped == (usable * world > 3456)
+        if capped:
+            assert f'would be {usable} per process, {usable * world} in all' in said[0]
+
+
 def test_auto_batch_keeps_a_given_accumulation(tmp_path):
     """--batch_size auto on a resumed run keeps the batch it found and the --accum_steps it was given."""
     torch.save({'config': {'batch_size': 48}}, tmp_path / 'last.pt')

@@ -53,6 +53,7 @@ KD_TAU = 1.0                      # KD temperature (Table 1, ablated in Table 7)
 # optimization
 EPOCHS = 300                      # Table 1
 BATCH_SIZE = 1024                 # global batch, split over processes (Table 1: 512 to 3456); 'auto' on CUDA
+MAX_BATCH = 3456                  # global cap of --batch_size auto: Table 3's largest at lr 2e-3
 ACCUM_STEPS = 1                   # micro-batches per AdamW step: the paper's batch on fewer GPUs; 'auto' on CUDA
 LR = 2e-3                         # peak one-cycle lr, not scaled with the batch (Table 1)
 WEIGHT_DECAY = 2e-2               # AdamW decoupled decay (Table 1), on weights only, not biases or norms
@@ -73,8 +74,8 @@ RESUME = False                    # continue from OUT_DIR/last.pt
 SEED = 0                          # base seed; rank r uses SEED + r
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str))]
 # must be > 0 (>= 0 for the rest): a bad value is stopped here, not 300 epochs later
-POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'ACCUM_STEPS', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY', 'AUG_REPEATS',
-            'TEST_CROP_RATIO', 'CHECK_EVERY', 'DIST_TIMEOUT'}
+POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'MAX_BATCH', 'ACCUM_STEPS', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY',
+            'AUG_REPEATS', 'TEST_CROP_RATIO', 'CHECK_EVERY', 'DIST_TIMEOUT'}
 
 
 def parse_bool(s):
