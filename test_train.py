@@ -1316,6 +1316,12 @@ def test_eval_checkpoint_prints_the_best_top1(teacher_run, tiny_data, tmp_path):
         printed = [line.split('val top-1 ')[1].split('%')[0] for line in proc.stdout.splitlines()
                    if 'val top-1' in line]
         assert len(printed) == lines and f"{best['best']['top1']:.2f}" in printed, proc.stdout  # raw and EMA
+    # val/ alone, 40 images, the default batch of 1024 or 'auto' on a CPU, the default teacher: none of them matter
+    shutil.copytree(os.path.join(tiny_data, 'val'), tmp_path / 'only_val' / 'val')
+    for batch in ('1024', 'auto'):
+        proc = run_train('--model', MODEL, '--data', tmp_path / 'only_val', '--eval_checkpoint', timm_checkpoint,
+                         '--batch_size', batch, '--img_size', 32, '--workers', 1, '--out_dir', tmp_path / 'out')
+        assert f"val top-1 {best['best']['top1']:.2f}%" in proc.stdout and 'teacher:' not in proc.stdout
 
 
 def test_init_checkpoint_gets_a_new_head(tiny_data, tmp_path):

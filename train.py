@@ -137,20 +137,22 @@ def make_datasets(cfg, mean, std):
             raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} (offline, quickstart.py unpacks "
                        f"Debian's dataset-fashion-mnist): {str(e).splitlines()[0]}")
     else:
-        loader = read_file if on_device else datasets.folder.default_loader
-        for split in ('train', 'val'):
+        loader, splits = read_file if on_device else datasets.folder.default_loader, {'train': train_tf, 'val': val_tf}
+        splits = {'val': val_tf} if cfg.eval_checkpoint else splits  # evaluating a checkpoint reads val/ alone
+        for split in splits:
             if not os.path.isdir(os.path.join(cfg.data, split)):
                 raise Fail(f"--data {cfg.data}: no {split}/ folder (expected an ImageFolder root with train/ and val/)")
         try:
-            train_set, val_set = (datasets.ImageFolder(os.path.join(cfg.data, split), transform=tf, loader=loader)
-                                  for split, tf in (('train', train_tf), ('val', val_tf)))
+            sets = {split: datasets.ImageFolder(os.path.join(cfg.data, split), transform=tf, loader=loader)
+                    for split, tf in splits.items()}
         except (FileNotFoundError, OSError) as e:  # ImageNet's val/ ships flat: images, no class folders
             flat = "; sort val/ into class folders (README, 'ImageNet')" if 'class folder' in str(e) else ''
             raise Fail(f"--data {cfg.data}: {str(e).split('. Supported')[0]}{flat}")
-        if train_set.classes != val_set.classes:
+        train_set, val_set = sets.get('train'), sets['val']
+        if train_set and train_set.classes != val_set.classes:
             raise Fail(f"--data {cfg.data}: train/ has {len(train_set.classes)} classes, val/ has "
                        f"{len(val_set.classes)}, and they must be the same folders")
-    if cfg.train_subset and cfg.train_subset < len(train_set):
+    if train_set and cfg.train_subset and cfg.train_subset < len(train_set):
         subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:cfg.train_subset]
         train_set = torch.utils.data.Subset(train_set, subset.tolist())
     return train_set, val_set, len(val_set.classes)
@@ -285,6 +287,22 @@ def main(argv):
         seed(cfg.seed + rank)
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
 
+    # validation shards are disjoint and uneven (no padding, no duplicates): evaluate() sums the counts
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    augment = {split: Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
+               for split in ('train', 'val')} if cfg.data_pipeline == 'device' else {}
+    val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format, augment.get('val'))  # noqa
+    if cfg.eval_checkpoint:  # evaluate and exit (needs val/ alone: no train set, batch search or teacher)
+        val_loader = make_loader(val_shard, 256, cfg, rank)  # timm's validate.py batch; no gradients to hold
+        try:  # train.py's checkpoints hold raw and EMA weights, timm's one set
+            ckpt = torch.load(cfg.eval_checkpoint, map_location='cpu', weights_only=True)
+            for name, weights in [('raw', ckpt['model']), ('EMA', ckpt['ema'])] if 'ema' in ckpt else [('', ckpt)]:
+                top1, top5 = evaluate(load_weights(model, weights), val_batches(), device, autocast)
+                log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+        except Exception as e:  # a missing or unreadable file, another model (load_weights says which)
+            raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
+        return
+
     # batch and loaders: --batch_size is the global batch, split over the processes, each in `accum` micro-batches
     global_batch, accum = batch_sizes(cfg, world, last_path, device, log,
                                       lambda b: trial_steps(model, teacher, b, cfg, num_classes, device, autocast))
@@ -294,26 +312,12 @@ def main(argv):
                    f"whole, and even for mixup/cutmix, which pair images")
     train_sampler = SeededSampler(train_set, cfg.aug_repeats, world, rank, cfg.seed)
     train_loader = make_loader(train_set, batch, cfg, rank, sampler=train_sampler)
-    # validation shards are disjoint and uneven (no padding, no duplicates): evaluate() sums the counts
-    val_loader = make_loader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)), batch, cfg, rank)
+    val_loader = make_loader(val_shard, batch, cfg, rank)
     steps_per_epoch, total_steps = len(train_loader), cfg.epochs * len(train_loader)
     if steps_per_epoch == 0:
         raise Fail(f"{len(train_sampler)} training images per process are fewer than the batch of {batch}")
     log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data: "
         f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch")
-    augment = {split: Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
-               for split in ('train', 'val')} if cfg.data_pipeline == 'device' else {}
-    val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format, augment.get('val'))  # noqa
-
-    if cfg.eval_checkpoint:  # evaluate and exit: train.py's checkpoints hold raw and EMA weights, timm's one set
-        try:
-            ckpt = torch.load(cfg.eval_checkpoint, map_location='cpu', weights_only=True)
-            for name, weights in [('raw', ckpt['model']), ('EMA', ckpt['ema'])] if 'ema' in ckpt else [('', ckpt)]:
-                top1, top5 = evaluate(load_weights(model, weights), val_batches(), device, autocast)
-                log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-        except Exception as e:  # a missing or unreadable file, another model (load_weights says which)
-            raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
-        return
 
     # optimizer, and what a checkpoint holds; resume() restores it (and refuses another run's last.pt)
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
