@@ -572,6 +572,18 @@ def test_ddp_two_processes(tiny_data, tmp_path):
     assert 0 <= log[-1]['val_top1'] <= 100
 
 
+def test_quickstart_unpacks_fashion_mnist_only_where_train_py_reads_it(monkeypatch, tmp_path, capsys):
+    unpacked = []
+    monkeypatch.setattr(quickstart, 'fashion_mnist_from_debian', unpacked.append)
+    monkeypatch.setattr(quickstart, 'RUNS', [])  # the flags alone, no training
+    for args, root in (('', os.path.join(HERE, 'data')), ('--data /elsewhere', None), ('--data=cifar10', None),
+                       ('--data_dir /d', '/d'), ('--data-dir=/e --data fashion-mnist', '/e')):
+        monkeypatch.setenv('QUICKSTART_ARGS', args)
+        unpacked.clear()
+        quickstart.main(str(tmp_path / 'qs'))
+        assert unpacked == ([root] if root else []), args
+
+
 def test_quickstart_prints_the_table(tiny_data, tmp_path):
     """The one command of the README's quick start, made small by QUICKSTART_ARGS."""
     small = f'--data {tiny_data} --img_size 32 --batch_size 32 --epochs 3 --mixup 0 --cutmix 0 --workers 1'
