@@ -66,24 +66,33 @@ class SeededSampler(torch.utils.data.Sampler):
     (run seed, epoch, global position), whatever the persistent workers did before: a resumed run augments
     exactly like an uninterrupted one, and `start` skips what an interrupted epoch already trained on.
     selected_round=0: timm's default rounds an epoch down to a multiple of 256 images, dropping up to 255 a
-    rank (all of them on a dataset under 256); with 0 an epoch is exactly one dataset long."""
+    rank (all of them on a dataset under 256); with 0 an epoch is exactly one dataset long.
+    With `accum` micro-batches a step, each micro-batch is the share of one virtual process (world x accum in
+    all): on 1 process with --accum_steps 8, micro-batch m of a step holds the samples, and seeds, that process
+    m of 8 holds in that step, so an image's repeats land in different BatchNorm batches and mixup pools."""
 
-    def __init__(self, train_set, aug_repeats, world, rank, seed=0):
-        self.sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=aug_repeats,
-                                        selected_round=0)
-        self.world, self.rank, self.seed, self.epoch, self.start = world, rank, seed, 0, 0
+    def __init__(self, train_set, aug_repeats, world, rank, seed=0, accum=1, micro_batch=1):
+        self.virtual = [RepeatAugSampler(train_set, num_replicas=world * accum, rank=rank * accum + m,
+                                         num_repeats=aug_repeats, selected_round=0) for m in range(accum)]
+        self.world, self.rank, self.seed, self.micro_batch = world * accum, rank * accum, seed, micro_batch
+        self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
-        self.sampler.set_epoch(epoch)
+        for sampler in self.virtual:
+            sampler.set_epoch(epoch)
         self.epoch, self.start = epoch, start
 
     def __len__(self):
-        return len(self.sampler) - self.start
+        return sum(len(sampler) for sampler in self.virtual) - self.start
 
     def __iter__(self):
-        for position, index in enumerate(self.sampler):
-            if position >= self.start:
-                yield index, hash((self.seed, self.epoch, position * self.world + self.rank)) & (2 ** 62 - 1)
+        shares = [list(sampler) for sampler in self.virtual]  # one per virtual process, equally long
+        order = ((m, position) for first in range(0, len(shares[0]), self.micro_batch) for m in range(len(shares))
+                 for position in range(first, min(first + self.micro_batch, len(shares[0]))))
+        for n, (m, position) in enumerate(order):
+            if n >= self.start:
+                seed = hash((self.seed, self.epoch, position * self.world + self.rank + m)) & (2 ** 62 - 1)
+                yield shares[m][position], seed
 
 
 class RobustDataset(torch.utils.data.Dataset):
@@ -214,10 +223,12 @@ def resume(path, run, stateful, log_path, log):
     if (ckpt['num_classes'], ckpt['train_images']) != (run['num_classes'], run['train_images']):
         raise Fail(f"{path} is for another dataset ({ckpt['num_classes']} classes, {ckpt['train_images']} "
                    f"training images; --data has {run['num_classes']} and {run['train_images']})")
-    if ckpt['total_steps'] != run['total_steps'] or (ckpt['epoch_step'] and ckpt['world_size'] != run['world_size']):
-        raise Fail(f"{path} was written by {ckpt['world_size']} processes ({ckpt['total_steps']} steps in all, "
-                   f"{ckpt['epoch_step']} into epoch {ckpt['epoch'] + 1}); on {run['world_size']} the schedule or "
-                   f"the epoch's order of samples would change: resume on {ckpt['world_size']} processes")
+    layout = [(c['world_size'], c.get('accum_steps', 1)) for c in (ckpt, run)]  # processes, micro-batches a step
+    if ckpt['total_steps'] != run['total_steps'] or (ckpt['epoch_step'] and layout[0] != layout[1]):
+        raise Fail(f"{path} was written by {ckpt['world_size']} processes x {layout[0][1]} micro-batches "
+                   f"({ckpt['total_steps']} steps in all, {ckpt['epoch_step']} into epoch {ckpt['epoch'] + 1}); on "
+                   f"{run['world_size']} x {layout[1][1]} the schedule or the epoch's order of samples would change: "
+                   f"resume on {ckpt['world_size']} processes with --accum_steps {layout[0][1]}")
     for name, obj in stateful.items():
         obj.load_state_dict(ckpt[name])
     if len(ckpt['rng']) == run['world_size']:  # on another process count, the per-rank seeds start afresh

@@ -492,6 +492,36 @@ def test_sampler_seeds_and_mid_epoch_start():
     assert not set(seeds) & {seed for _, seed in other_rank}
 
 
+def test_accumulation_lays_out_samples_as_the_papers_processes():
+    """world x accum_steps virtual processes: 1 process with 8 micro-batches (or 2 with 4) holds, micro-batch for
+    micro-batch, the samples and seeds that 8 processes hold in each step; and the 3 repeats of an image go to 3
+    different micro-batches, as they go to 3 GPUs."""
+    data, micro = list(range(1000)), 12
+    def steps(world, accum):  # per step, the micro-batches of every process in rank order
+        per_rank = []
+        for rank in range(world):
+            sampler = resilience.SeededSampler(data, 3, world, rank, seed=3, accum=accum, micro_batch=micro)
+            sampler.set_epoch(2)
+            items = list(sampler)
+            whole = len(items) // (micro * accum) * micro * accum  # drop_last
+            per_rank.append([items[i:i + micro] for i in range(0, whole, micro)])
+        return [[chunk for rank in per_rank for chunk in rank[step * accum:(step + 1) * accum]]
+                for step in range(len(per_rank[0]) // accum)]
+    paper = steps(8, 1)
+    assert len(paper) == 1000 // 8 // micro == 10  # an epoch is one dataset long, whole steps
+    assert steps(1, 8) == paper and steps(2, 4) == paper
+    first_step = [[index for index, _ in chunk] for chunk in paper[0]]
+    image = first_step[0][0]
+    assert sum(image in chunk for chunk in first_step) == 3 and all(chunk.count(image) <= 1 for chunk in first_step)
+    alone = resilience.SeededSampler(data, 3, 1, 0, seed=3)  # without accumulation: the repeats side by side
+    alone.set_epoch(2)
+    assert [index for index, _ in list(alone)[:3]] == [image] * 3
+    resumed = resilience.SeededSampler(data, 3, 1, 0, seed=3, accum=8, micro_batch=micro)
+    resumed.set_epoch(2, start=5 * 8 * micro)  # 5 steps in: the rest of the epoch, as it was
+    rest = [item for step in paper[5:] for chunk in step for item in chunk]
+    assert list(resumed)[:len(rest)] == rest  # then the epoch's tail, which drop_last drops
+
+
 def test_ema_reaches_the_papers_decay_early_in_a_full_run():
     """The authors keep 0.99996 from the first step; timm's warmup (power 3/4) would reach it after 731,000 steps,
     beyond a 300-epoch run at batch 1024 (375,300 steps). Sped up on long runs, it is there by 10%; short runs,
@@ -599,6 +629,27 @@ def test_quickstart_unpacks_fashion_mnist_only_where_train_py_reads_it(monkeypat
         assert unpacked == ([root] if root else []), args
 
 
+def test_quickstart_plots_top1_per_epoch_from_the_logs(tmp_path, monkeypatch, capsys):
+    """curves.png from the runs' log.jsonl files: one line per run, an epoch per validation (epochs without one
+    are skipped), the better of raw and EMA; without matplotlib, a line saying how to get it."""
+    import matplotlib.image
+    logs = {'with KD': [(1, 40.0, 42.5), (2, None, None), (3, 51.0, 50.0)], 'without KD': [(1, 38.0, 37.0),
+                                                                                         (3, 47.5, 47.0)]}
+    runs = []
+    for name, epochs in logs.items():
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / 'log.jsonl', 'w') as f:
+            f.writelines(json.dumps({'epoch': e, 'val_top1': raw, 'ema_top1': ema}) + '\n' for e, raw, ema in epochs)
+        runs.append((name, str(tmp_path / name)))
+    figure = quickstart.plot(runs, str(tmp_path / 'curves.png'))
+    lines = {line.get_label(): line.get_xydata().tolist() for line in figure.axes[0].get_lines()}
+    assert lines == {'with KD': [[1, 42.5], [3, 51.0]], 'without KD': [[1, 38.0], [3, 47.5]]}
+    assert matplotlib.image.imread(str(tmp_path / 'curves.png')).shape[2] in (3, 4)  # a PNG that reads back
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # as if not installed
+    assert quickstart.plot(runs, str(tmp_path / 'other.png')) is None and not os.path.exists(tmp_path / 'other.png')
+    assert 'pip install matplotlib' in capsys.readouterr().out
+
+
 def test_quickstart_prints_the_table(tiny_data, tmp_path):
     """The one command of the README's quick start, made small by QUICKSTART_ARGS."""
     small = f'--data {tiny_data} --img_size 32 --batch_size 32 --epochs 3 --mixup 0 --cutmix 0 --workers 1'
@@ -606,8 +657,9 @@ def test_quickstart_prints_the_table(tiny_data, tmp_path):
                           capture_output=True, env=dict(ENV, QUICKSTART_ARGS=small), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout[proc.stdout.index('| run |'):].splitlines()
-    assert len(table) == 5 and table[2].startswith('| teacher | resnet18 |')
+    assert len(table) == 6 and table[2].startswith('| teacher | resnet18 |')
     assert table[3].startswith('| student with KD | mobilenetv3_small_100 |') and table[4].endswith(' min |')
+    assert table[5].endswith('curves.png: top-1 per epoch') and os.path.exists(tmp_path / 'qs' / 'curves.png')
     assert os.path.exists(tmp_path / 'qs' / 'student_kd' / 'best.pt')
 
 
@@ -837,7 +889,7 @@ def test_resume_refusals(tiny_data, reference_run, tmp_path):
     mid = dict(reference_run, epoch_step=4, epoch=1)
     torch.save(mid, os.path.join(out, 'last.pt'))
     proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--resume', check=False, launcher=TORCHRUN)
-    assert proc.returncode != 0 and 'resume on 1 processes' in rank_errors(proc)
+    assert proc.returncode != 0 and 'resume on 1 processes with --accum_steps 1' in rank_errors(proc)
 
 
 def test_resume_on_more_processes_after_an_epoch(tiny_data, tmp_path):
@@ -1316,11 +1368,11 @@ ACCUM = ['--model', 'test_convnext', '--teacher', 'none', '--mixup', 0, '--cutmi
          '--train_subset', 48, '--img_size', 32, '--batch_size', 16, '--workers', 1]
 
 
-@pytest.mark.parametrize('launcher', [None, TORCHRUN], ids=['1 process', '2 processes'])
-def test_accumulation_trains_like_the_whole_batch(launcher, tiny_data, tmp_path):
-    """test_convnext has no BatchNorm and mixup/cutmix are off: 2 micro-batches of 8 give the step of 16."""
+def test_accumulation_trains_like_the_whole_batch(tiny_data, tmp_path):
+    """test_convnext has no BatchNorm and mixup/cutmix are off: on 1 process, 2 micro-batches of 8 give the step
+    of 16 that 2 processes take (the same 2 virtual processes' samples: see the sampler test)."""
     runs = []
-    for accum in (1, 2):
+    for launcher, accum in ((TORCHRUN, 1), (None, 2)):
         run_train(*ACCUM, '--data', tiny_data, '--accum_steps', accum, '--out_dir', tmp_path / str(accum),
                   launcher=launcher)
         runs.append(saved(str(tmp_path / str(accum) / 'last.pt')))

@@ -312,7 +312,7 @@ def main(argv):
     if global_batch % world or batch % accum or (batch // accum % 2 and (cfg.mixup or cfg.cutmix)):
         raise Fail(f"--batch_size {global_batch} over {world} processes and {accum} micro-batches: each part must be "
                    f"whole, and even for mixup/cutmix, which pair images")
-    train_sampler = SeededSampler(train_set, cfg.aug_repeats, world, rank, cfg.seed)
+    train_sampler = SeededSampler(train_set, cfg.aug_repeats, world, rank, cfg.seed, accum, batch // accum)
     train_loader = make_loader(train_set, batch, cfg, rank, sampler=train_sampler)
     val_loader = make_loader(val_shard, batch, cfg, rank)
     steps_per_epoch, total_steps = len(train_loader), cfg.epochs * len(train_loader)
@@ -325,7 +325,7 @@ def main(argv):
     optimizer, scheduler, ema = *make_optimizer(model, cfg, total_steps), make_ema(model, cfg, total_steps)
     stateful = {'model': model, 'ema': ema.module, 'optimizer': optimizer, 'scheduler': scheduler}
     run = {'config': dict(vars(cfg), batch_size=global_batch), 'num_classes': num_classes, 'rank': rank,
-           'train_images': len(train_set), 'total_steps': total_steps, 'world_size': world}
+           'train_images': len(train_set), 'total_steps': total_steps, 'world_size': world, 'accum_steps': accum}
     progress = resume(last_path if cfg.resume else None, run, stateful, log_path, log)
 
     if teacher is not None:  # checked on the validation set before a single step is spent
