@@ -28,7 +28,7 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
-from torchvision.io import decode_jpeg, read_file  # noqa: F401 (read_file: train.py's loader for this path)
+from torchvision.io import decode_jpeg
 
 # ---------------------------------------------------------------- in the data workers: bytes and draws
 
@@ -36,6 +36,13 @@ OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'S
        'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
        'TranslateXRel', 'TranslateYRel']  # timm's RandAugment 'inc1' set, which --rand_augment selects
 SLOTS = 2  # RandAugment's num_layers (timm's default 'n2'); a skipped op (its probability 0.5) records nothing
+
+
+def read_file(path):
+    """The file's bytes as a uint8 tensor: train.py's ImageFolder loader on this path (torchvision 0.29 deprecates
+    its own read_file)."""
+    with open(path, 'rb') as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
 def record(name, drawn, *level_args, **_):

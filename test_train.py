@@ -800,16 +800,36 @@ def reference_run(tiny_data, tmp_path_factory):
     return saved(os.path.join(out, 'last.pt'))
 
 
-def kill_and_resume(args, out, mid, reference, steps):
-    """SIGKILL a run once last.pt is from epoch 1 (mid-epoch or at its end), resume it: the weights and EMA of an
-    uninterrupted run, bit for bit."""
+def hold_at(data, epoch, batches, batch):
+    """Make one training file of `data` a FIFO, one the run first reads in `epoch` (0-based), within `batches`:
+    its data worker then blocks opening it, and the run stands still two batches before (device_batches fetches
+    one ahead), at a known step: no race with a polling test. Returns a function that puts the file back."""
+    dataset = torchvision.datasets.ImageFolder(os.path.join(data, 'train'))
+    sampler, used = resilience.SeededSampler(dataset, 3, world=1, rank=0), set()
+    for e in range(epoch + 1):
+        sampler.set_epoch(e)
+        order = [index for index, _ in sampler]
+        used |= set(order) if e < epoch else set(order[:batches[0] * batch])
+    path = next(dataset.samples[i][0] for i in order[batches[0] * batch:(batches[-1] + 1) * batch]
+                if i not in used and os.path.basename(dataset.samples[i][0])[0].isdigit())
+    original = open(path, 'rb').read()
+    os.remove(path)
+    os.mkfifo(path)
+    return lambda: (os.remove(path), open(path, 'wb').write(original))
+
+
+def kill_and_resume(args, data, out, reference, steps, held, saved_at):
+    """Run, held still by hold_at(data, *held); once last.pt is at `saved_at` (epochs done, steps into the next),
+    SIGKILL it, put the file back and resume: the weights and EMA of an uninterrupted run, bit for bit."""
+    restore = hold_at(data, *held)
     proc = start_train(*args)
     last = os.path.join(out, 'last.pt')
-    wait_for(lambda: (s := saved(last)) is not None and (s['epoch_step'] > 0) == mid and s['epoch'] == 1, proc)
+    wait_for(lambda: (s := saved(last)) is not None and (s['epoch'], s['epoch_step']) == saved_at, proc)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
+    restore()
     resumed = run_train(*args, '--resume')
-    assert 'resume:' in resumed.stdout and ('steps into epoch' in resumed.stdout) == mid
+    assert 'resume:' in resumed.stdout and ('steps into epoch' in resumed.stdout) == (saved_at[1] > 0)
     final = saved(last)
     assert final['step'] == reference['step'] == steps
     for key in ('model', 'ema'):
@@ -820,22 +840,26 @@ def kill_and_resume(args, out, mid, reference, steps):
 
 @pytest.mark.parametrize('where', ['after_epoch', 'mid_epoch'])
 def test_sigkill_then_resume_is_bit_identical(where, reference_run, tiny_data, tmp_path):
-    out = str(tmp_path / where)
-    kill_and_resume([*RUN, '--data', tiny_data, '--ckpt_minutes', 0, '--out_dir', out], out, where == 'mid_epoch',
-                    reference_run, 36)
+    """12 steps an epoch, last.pt every 10 (--ckpt_minutes 0) and at each epoch's end. Held in epoch 2 before its
+    step 20, last.pt is epoch 1's end; held after it, step 20 (8 steps into epoch 2: batch 7 trained, 8 fetched)."""
+    data, out = shutil.copytree(tiny_data, tmp_path / 'data'), str(tmp_path / where)
+    held, saved_at = ((1, range(1, 8), 32), (1, 0)) if where == 'after_epoch' else ((1, range(9, 12), 32), (1, 8))
+    kill_and_resume([*RUN, '--data', data, '--ckpt_minutes', 0, '--out_dir', out], data, out, reference_run, 36,
+                    held, saved_at)
 
 
 def test_sigkill_then_resume_is_bit_identical_on_the_device_path(jpeg_data, tmp_path):
     """--data_pipeline device (decoding on the CPU here): the JPEGs' bytes, the odd files PIL decodes, the
-    truncated one replaced, every draw made in the workers from the sample's seed."""
-    # 64 px, batches of 16 and a checkpoint every 2 steps: epoch 1 (6 steps) spends about a second mid-epoch with
-    # last.pt written, which the 0.1 s polling sees (at 32 px and 32 a batch the whole run takes 1.6 s on 2 cores)
-    args = [*RUN, '--data', jpeg_data, '--ckpt_minutes', 0, '--check_every', 2, '--img_size', 64, '--batch_size', 16,
+    truncated one replaced, every draw made in the workers from the sample's seed. 6 steps an epoch of 16, last.pt
+    every 2: held in epoch 2 after its step 10 (batch 3 trained, 4 fetched), last.pt is 4 steps into it."""
+    args = [*RUN, '--data', jpeg_data, '--ckpt_minutes', 0, '--check_every', 2, '--batch_size', 16,
             '--data_pipeline', 'device']
     reference = str(tmp_path / 'reference')
     run_train(*args, '--out_dir', reference)
-    out = str(tmp_path / 'killed')
-    kill_and_resume([*args, '--out_dir', out], out, True, saved(os.path.join(reference, 'last.pt')), 18)
+    data, out = shutil.copytree(jpeg_data, tmp_path / 'data'), str(tmp_path / 'killed')
+    args[args.index(jpeg_data)] = data
+    kill_and_resume([*args, '--out_dir', out], data, out, saved(os.path.join(reference, 'last.pt')), 18,
+                    (1, range(5, 6), 16), (1, 4))
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
