@@ -1,8 +1,8 @@
 """
 The whole scheme on a laptop CPU, in one command: a teacher trained without KD, a small student distilled
 from it, and the same student without KD, on Fashion-MNIST (10,000 images at 32 px, 10 epochs); then their
-table, and (with matplotlib) their validation top-1 per epoch in curves.png beside it. About 35 minutes on
-2 cores (the README's run: 34), 3 minutes a run on a fast 8-core machine.
+table, and (with matplotlib) their validation top-1 per epoch in curves.png beside it. 16 minutes on a 2-core
+Intel Xeon (34 on an older 2-core CPU; the README's figures).
 
     python quickstart.py                    # Fashion-MNIST: Debian's dataset-fashion-mnist, or downloaded
     QUICKSTART_ARGS="--data DIR --epochs 1 --img_size 32" python quickstart.py   # any dataset, any flags

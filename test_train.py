@@ -23,6 +23,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -36,6 +37,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 MODEL = 'test_resnet'  # timm's 0.37M-parameter ResNet (BatchNorm, fc head): 2.6x faster per epoch than resnet10t
 FAST = ['--img_size', '32', '--batch_size', '32', '--workers', '1', '--log_every', '5']
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')  # 2 CPU processes
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='a CUDA-only path: run on a GPU machine')
 
 
 def start_train(*args, launcher=None):
@@ -427,6 +429,7 @@ class Recorder(nn.Module):
 
 
 def test_teacher_sees_the_students_mixed_batch():
+    np.random.seed(0), random.seed(0), torch.manual_seed(0)  # some seeds give cutmix an empty box on 8x8 images
     cfg = train.get_config(['--data', 'x', '--alpha_kd', '5'])
     student, teacher = Recorder(), Recorder()
     optimizer, scheduler = train.make_optimizer(student, cfg, total_steps=10)
@@ -437,6 +440,36 @@ def test_teacher_sees_the_students_mixed_batch():
     assert torch.equal(teacher.seen, student.seen)
     assert not torch.equal(student.seen, original)  # what both saw was mixed
     assert ce.item() > 0 and kd.item() > 0
+
+
+class LogitsAsWeights(nn.Module):
+    """A student whose logits are its parameter, one row per image: after a step, .grad is d loss / d logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits.clone())
+
+    def forward(self, images):
+        return self.logits + 0 * images.sum()
+
+
+@pytest.mark.parametrize('alpha_kd, tau', [(5.0, 1.0), (math.inf, 1.0), (5.0, 2.0)])
+def test_the_steps_gradient_is_ce_plus_alpha_tau2_kl(alpha_kd, tau):
+    """train_step's gradient on the student's logits, against d/dz [CE(z, y) + alpha * tau^2 * KL(p_t || p_s)]
+    by hand: (softmax(z) - y) / B + alpha * tau * (softmax(z / tau) - softmax(t / tau)) / B, without the CE
+    term for alpha inf. A detached KD term, a missing tau^2 or a lost CE fails it."""
+    cfg = train.get_config(['--data', 'x', '--mixup', '0', '--cutmix', '0', '--alpha_kd', str(alpha_kd),
+                            '--kd_tau', str(tau)])
+    torch.manual_seed(0)
+    z, t, labels = torch.randn(6, 5) * 2, torch.randn(6, 5) * 2, torch.tensor([0, 1, 2, 3, 4, 0])
+    student = LogitsAsWeights(z)
+    optimizer, scheduler = train.make_optimizer(student, cfg, total_steps=10)
+    train.train_step(student, lambda images: t, torch.randn(6, 3, 4, 4), labels, train.make_mixup(cfg, 5),
+                     optimizer, scheduler, cfg, torch.autocast('cpu', enabled=False))
+    ce_grad = (z.softmax(1) - F.one_hot(labels, 5)) / 6
+    kd_grad = tau * ((z / tau).softmax(1) - (t / tau).softmax(1)) / 6
+    expected = kd_grad if math.isinf(alpha_kd) else ce_grad + alpha_kd * kd_grad
+    assert torch.allclose(student.logits.grad, expected, atol=1e-6), (student.logits.grad - expected).abs().max()
 
 
 def test_weight_decay_skips_biases_and_norms():
@@ -537,20 +570,63 @@ def test_ema_reaches_the_papers_decay_early_in_a_full_run():
     assert all(short.get_decay(step) == timm_warmup.get_decay(step) for step in (1, 10, 100, 780))
 
 
+def test_ema_follows_its_formula_over_the_raw_weights():
+    """ema_s = d_s * ema_(s-1) + (1 - d_s) * w_s after each step s, with timm's warmup d_s = 1 - (1 + (s - 1) /
+    gamma) ** -3/4 (capped at --ema_decay), over the raw weights' own history, as train.py's loop updates it."""
+    cfg = train.get_config(['--data', 'x', '--ema_decay', '0.9'])
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema, expected = train.make_ema(model, cfg, total_steps=20), [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 21):
+        model(torch.randn(4, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model, step=step)
+        decay = 0.0 if step == 1 else min(0.9, 1 - (1 + (step - 1)) ** -0.75)  # gamma 1 on a short run
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, model.parameters())]
+    for e, p, raw in zip(expected, ema.module.parameters(), model.parameters()):
+        assert torch.allclose(e, p, atol=1e-6) and not torch.allclose(p, raw, atol=1e-3)
+
+
+def test_a_runs_ema_moved_and_best_pt_keeps_the_better_weights(teacher_run, reference_run):
+    """In train.py's own runs: the EMA left its initial weights and is not the raw weights (deleting its update
+    from the loop fails this), and best.pt's state_dict is the raw or the EMA weights as their scores say."""
+    torch.manual_seed(0)
+    initial = timm.create_model(MODEL, num_classes=4).state_dict()
+    ema, raw = reference_run['ema'], reference_run['model']
+    assert not torch.equal(ema['fc.weight'], initial['fc.weight'])
+    assert not torch.equal(ema['fc.weight'], raw['fc.weight'])
+    teacher_dir, _ = teacher_run
+    best = saved(os.path.join(teacher_dir, 'best.pt'))
+    record = next(r for r in read_log(teacher_dir) if r['epoch'] == best['best']['epoch'])
+    raw_better = record['val_top1'] >= record['ema_top1']
+    assert best['best']['raw_better'] == raw_better and best['best']['top1'] == max(record['val_top1'],
+                                                                                   record['ema_top1'])
+    kept = best['model' if raw_better else 'ema']
+    assert all(torch.equal(best['state_dict'][k], kept[k]) for k in kept)
+
+
 def test_one_cycle_schedule():
     cfg = train.get_config(['--data', 'x'])
     model = nn.Linear(4, 4)
     optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=1000)
-    lrs = []
+    lrs, beta1s = [], []
     for _ in range(1000):
         lrs.append(optimizer.param_groups[0]['lr'])
+        beta1s.append(optimizer.param_groups[0]['betas'][0])
         optimizer.step()
         scheduler.step()
     peak = int(np.argmax(lrs))
-    assert max(lrs) == pytest.approx(2e-3, rel=1e-3) and 150 <= peak <= 250  # pct_start 0.2
-    assert lrs[0] < 1e-4 and lrs[-1] < 1e-6  # starts low, anneals to near zero
-    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert peak == 199 and lrs[peak] == pytest.approx(2e-3, rel=1e-9)  # pct_start 0.2 of 1000 steps
+    assert lrs[0] == pytest.approx(2e-3 / 25) and lrs[-1] == pytest.approx(2e-3 / 25 / 1e4, rel=1e-2)
+    for step in (50, 100, 150):  # cosine up from lr / 25, then cosine down to lr / 25 / 1e4 (torch's defaults)
+        assert lrs[step] == pytest.approx(2e-3 / 25 + (2e-3 - 2e-3 / 25) * (1 - math.cos(math.pi * step / 199)) / 2)
+    for step in (400, 600, 800):
+        low = 2e-3 / 25 / 1e4
+        assert lrs[step] == pytest.approx(low + (2e-3 - low) * (1 + math.cos(math.pi * (step - 199) / 800)) / 2)
+    # Adam's beta1 cycles the other way, 0.95 -> 0.85 at the peak -> 0.95, as the authors' code does
+    assert (beta1s[0], beta1s[peak], beta1s[-1]) == pytest.approx((0.95, 0.85, 0.95), abs=1e-6)
 
 
 # ---------------------------------------------------------------- end to end
@@ -563,7 +639,6 @@ def test_teacher_then_student(teacher_run, tiny_data, tmp_path):
     assert max(max(r['val_top1'], r['ema_top1']) for r in log) > 60  # chance is 25%
     for key in ('epoch', 'train_loss', 'val_top1', 'val_top5', 'ema_top1', 'lr', 'img_per_sec', 'elapsed_s'):
         assert key in log[-1]
-    assert all(0 <= r['data_wait'] <= 1 for r in log)  # the share of each epoch spent waiting for data
     assert os.path.exists(os.path.join(teacher_dir, 'last.pt')) and os.path.exists(os.path.join(teacher_dir, 'best.pt'))
     assert teacher_out.strip().splitlines()[-1].startswith('best val top-1 ')
     ckpt = torch.load(os.path.join(teacher_dir, 'best.pt'), weights_only=True)
@@ -917,24 +992,36 @@ def test_resume_refusals(tiny_data, reference_run, tmp_path):
 
 
 def test_resume_on_more_processes_after_an_epoch(tiny_data, tmp_path):
-    out = str(tmp_path / 'run')
-    args = [*RUN, '--data', tiny_data, '--out_dir', out]
-    proc = start_train(*args)
-    wait_for(lambda: (s := saved(os.path.join(out, 'last.pt'))) is not None and s['epoch_step'] == 0, proc)
+    """Killed after epoch 1 on 1 process (held there by a FIFO), resumed on 2: the same global batch and schedule,
+    the ranks in sync, and from the same last.pt twice, the same weights: the per-rank seeds start afresh on
+    another process count, deterministically."""
+    data = shutil.copytree(tiny_data, tmp_path / 'data')
+    restore, out = hold_at(data, 1, range(1, 8), 32), str(tmp_path / 'run')
+    proc = start_train(*RUN, '--data', data, '--out_dir', out)
+    wait_for(lambda: (s := saved(os.path.join(out, 'last.pt'))) is not None and s['epoch'] == 1, proc)
     proc.kill()
     proc.wait()
-    resumed = run_train(*args, '--resume', launcher=TORCHRUN)
-    assert 'processes: 2' in resumed.stdout and 'weights identical across 2 ranks: True' in resumed.stdout
-    final = saved(os.path.join(out, 'last.pt'))
-    assert final['step'] == 36 and final['config']['batch_size'] == 32  # same global batch and schedule
+    restore()
+    again = str(shutil.copytree(out, tmp_path / 'again'))
+    finals = []
+    for run_dir in (out, again):
+        resumed = run_train(*RUN, '--data', data, '--out_dir', run_dir, '--resume', launcher=TORCHRUN)
+        assert 'processes: 2' in resumed.stdout and 'weights identical across 2 ranks: True' in resumed.stdout
+        assert 'resume: ' in resumed.stdout and 'at epoch 1, step 12' in resumed.stdout
+        finals.append(saved(os.path.join(run_dir, 'last.pt')))
+    assert finals[0]['step'] == 36 and finals[0]['config']['batch_size'] == 32  # same global batch and schedule
+    assert all(torch.equal(finals[0]['model'][k], finals[1]['model'][k]) for k in finals[0]['model'])
+    assert [r['epoch'] for r in read_log(out)] == [1, 2, 3]
 
 
 def test_nonfinite_loss_stops_the_run(tiny_data, tmp_path):
     out = str(tmp_path / 'run')
     proc = run_train(*RUN, '--data', tiny_data, '--out_dir', out, '--lr', '1e30', '--ckpt_minutes', 0, check=False)
     one_line_error(proc, 'non-finite loss at step', 'diverged')
-    ckpt = saved(os.path.join(out, 'last.pt'))
-    assert ckpt is None or all(t.isfinite().all() for t in ckpt['model'].values() if t.is_floating_point())
+    named = int(re.search(r'non-finite loss at step (\d+)', proc.stderr).group(1))
+    step5 = next(line for line in proc.stdout.splitlines() if 'step 5/' in line)  # the log line of step 5
+    assert 1 <= named < 10 and ('ce nan' in step5 or 'ce inf' in step5) == (named <= 5)  # the first one, named
+    assert saved(os.path.join(out, 'last.pt')) is None  # caught at the first check (step 10), before a save
     # under DDP the ranks agree on it: both stop with the same step named
     proc = run_train(*RUN, '--data', tiny_data, '--out_dir', str(tmp_path / 'ddp'), '--lr', '1e30', check=False,
                      launcher=TORCHRUN)
@@ -1013,9 +1100,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tiny_data, tmp_path):
     wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
     stdout, stderr = proc.communicate(timeout=120)
-    assert 'stopped by a signal at step' in stdout, stderr[-3000:]
+    assert proc.returncode == 0 and 'stopped by a signal at step' in stdout, stderr[-3000:]  # every rank exited 0
     stopped = saved(os.path.join(out, 'last.pt'))
-    assert len(stopped['rng']) == 2 and stopped['step'] > 12  # both ranks' RNG states, saved after epoch 1
+    named = int(re.search(r'stopped by a signal at step (\d+)', stdout).group(1))
+    assert named == stopped['step'] > 12 and len(stopped['rng']) == 2  # both ranks' RNG states, after epoch 1
     assert 'train.py: error' not in stderr  # a clean stop on both ranks, not a crash
 
 
@@ -1059,7 +1147,7 @@ def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith('train.py: error:')]
     assert len(errors) == 1 and errors[0].startswith('train.py: error: rank 0: lost contact with the other'), stderr
-    assert survivor_exit < 10 and 'Traceback' not in stderr, stderr
+    assert survivor_exit < 6 and 'Traceback' not in stderr, stderr  # 2.1-2.6 s measured; the old code took 7
     assert re.search(r'resume: \S+last.pt at epoch [12], step', stdout), stdout
     assert 'weights identical across 2 ranks: True' in stdout
     assert saved(last)['step'] == 36 and [r['epoch'] for r in read_log(out)] == [1, 2, 3]
@@ -1222,15 +1310,15 @@ def test_device_crop_resize_flip_and_eval_resize_match_pil():
     from device_data import Augment
     jpeg = photo_like_jpeg(200, 150, seed=5)
     data, pil = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), Image.open(io.BytesIO(jpeg)).convert('RGB')
-    tf, F = torchvision.transforms, torchvision.transforms.functional
+    tf, TF = torchvision.transforms, torchvision.transforms.functional
     for size in (48, 160):
         boxes = [timm.data.transforms.RandomResizedCropAndInterpolation.get_params(pil, (0.08, 1), (3 / 4, 4 / 3))
                  for _ in range(8)]
         params = torch.tensor([[*box, i % 2] + [-1] * 4 for i, box in enumerate(boxes)], dtype=torch.float64)
         device = Augment(size, True, (0.5,) * 3)(batch_of([data] * 8, params), torch.device('cpu'))
         for i, (top, left, h, w) in enumerate(boxes):
-            expected = F.resized_crop(pil, top, left, h, w, [size, size], tf.InterpolationMode.BICUBIC)
-            expected = np.asarray(F.hflip(expected) if i % 2 else expected, float)
+            expected = TF.resized_crop(pil, top, left, h, w, [size, size], tf.InterpolationMode.BICUBIC)
+            expected = np.asarray(TF.hflip(expected) if i % 2 else expected, float)
             assert np.abs(device[i].permute(1, 2, 0).numpy() - expected).mean() < 0.3, (size, boxes[i])
         resize = tf.Compose([tf.Resize(round(size / 0.95), tf.InterpolationMode.BICUBIC), tf.CenterCrop(size)])
         device = Augment(size, False, (0.5,) * 3)(batch_of([data], torch.zeros(1, 9)), torch.device('cpu'))
@@ -1331,7 +1419,7 @@ def test_device_path_batch_equals_the_workers_batch(jpeg_data):
             assert (stat(workers, (0, 2, 3)) - stat(device, (0, 2, 3))).abs().max() < 0.3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: nvJPEG')
+@CUDA
 def test_cuda_device_path_matches_the_cpu():
     """nvJPEG against libjpeg on baseline 4:2:0 JPEGs, and Augment (crop, resize, flip, every op) on CUDA
     against the same on the CPU: within 2 levels of 255 on average per image (nvJPEG's IDCT and chroma
@@ -1392,20 +1480,25 @@ ACCUM = ['--model', 'test_convnext', '--teacher', 'none', '--mixup', 0, '--cutmi
          '--train_subset', 48, '--img_size', 32, '--batch_size', 16, '--workers', 1]
 
 
-def test_accumulation_trains_like_the_whole_batch(tiny_data, tmp_path):
-    """test_convnext has no BatchNorm and mixup/cutmix are off: on 1 process, 2 micro-batches of 8 give the step
-    of 16 that 2 processes take (the same 2 virtual processes' samples: see the sampler test)."""
-    runs = []
-    for launcher, accum in ((TORCHRUN, 1), (None, 2)):
-        run_train(*ACCUM, '--data', tiny_data, '--accum_steps', accum, '--out_dir', tmp_path / str(accum),
-                  launcher=launcher)
-        runs.append(saved(str(tmp_path / str(accum) / 'last.pt')))
-    whole, accumulated = runs
-    assert whole['step'] == accumulated['step'] == 3  # optimizer steps, not micro-batches
-    assert whole['scheduler']['_last_lr'] == accumulated['scheduler']['_last_lr']
-    assert whole['scheduler']['last_epoch'] == accumulated['scheduler']['last_epoch'] == 3
-    for name, tensor in whole['model'].items():
-        assert (tensor - accumulated['model'][name]).abs().max() < 1e-5, name
+def test_one_process_ddp_and_accumulation_take_the_same_steps(tiny_data, tmp_path):
+    """test_convnext has no BatchNorm and mixup/cutmix are off: 1 process (16 a step), 2 gloo processes (8 each,
+    gradients averaged) and 1 process with 2 micro-batches of 8 end with the same weights, within 1e-5 (float
+    sums in another order), and the same validation top-1 and top-5, exactly, on uneven shards (41 images: 21 and
+    20 a rank, which evaluate() sums)."""
+    data = shutil.copytree(tiny_data, tmp_path / 'data')
+    shutil.copy(data / 'val' / 'disc' / '0.png', data / 'val' / 'disc' / 'extra.png')
+    runs = {}
+    for name, launcher, accum in (('1 process', None, 1), ('2 processes', TORCHRUN, 1), ('accumulated', None, 2)):
+        run_train(*ACCUM, '--data', data, '--accum_steps', accum, '--out_dir', tmp_path / name, launcher=launcher)
+        runs[name] = saved(str(tmp_path / name / 'last.pt')), read_log(str(tmp_path / name))[-1]
+    (single, single_log), others = runs.pop('1 process'), runs.values()
+    for run, log in others:
+        assert run['step'] == single['step'] == 3  # optimizer steps, not micro-batches
+        assert run['scheduler']['_last_lr'] == single['scheduler']['_last_lr']
+        for name, tensor in single['model'].items():
+            assert (tensor - run['model'][name]).abs().max() < 1e-5, name
+        assert (log['val_top1'], log['val_top5']) == (single_log['val_top1'], single_log['val_top5'])
+    assert single_log['val_top1'] * 41 / 100 == pytest.approx(round(single_log['val_top1'] * 41 / 100))  # of 41
 
 
 def test_eval_checkpoint_prints_the_best_top1(teacher_run, tiny_data, tmp_path):
@@ -1489,3 +1582,54 @@ def test_auto_batch_keeps_a_given_accumulation(tmp_path):
     assert resilience.batch_sizes(cfg, 1, str(tmp_path / 'last.pt'), torch.device('cpu'), print, None) == (48, 3)
     cfg = train.get_config(['--data', 'x', '--batch_size', '64', '--accum_steps', '2'])
     assert resilience.batch_sizes(cfg, 1, str(tmp_path / 'last.pt'), torch.device('cpu'), print, None) == (64, 2)
+
+
+# ---------------------------------------------------------------- CUDA-only paths (skipped without a GPU)
+
+@CUDA
+def test_cuda_compiled_bf16_channels_last_kd_step():
+    """What train.py runs on a GPU: the student channels-last and compiled under bf16 autocast, fused AdamW, the
+    teacher prepared (BN folded, channels-last, bf16, compiled); two KD steps give finite losses that move."""
+    device = torch.device('cuda')
+    cfg = train.get_config(['--data', 'x', '--img_size', '32'])
+    student = timm.create_model(MODEL, num_classes=4).to(device, memory_format=torch.channels_last)
+    teacher = prepare_teacher(timm.create_model(MODEL, num_classes=4), (0.5,) * 3, (0.5,) * 3, device)
+    optimizer, scheduler = train.make_optimizer(student, cfg, total_steps=10)
+    assert optimizer.defaults['fused']
+    compiled, autocast = torch.compile(student, dynamic=False), torch.autocast('cuda', dtype=torch.bfloat16)
+    images = torch.randn(8, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 4, (8,), device=device)
+    losses = [train.train_step(compiled, teacher, images.clone(), labels, train.make_mixup(cfg, 4), optimizer,
+                               scheduler, cfg, autocast) for _ in range(2)]
+    assert all(torch.isfinite(torch.stack(pair)).all() for pair in losses) and losses[0][1] != losses[1][1]
+
+
+@CUDA
+def test_cuda_side_stream_prefetch_equals_the_cpu():
+    """device_batches on CUDA: the copy on a side stream, one batch ahead, normalized there as on the CPU."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.arange(4), ['']) for _ in range(3)]
+    on_gpu = list(train.device_batches(batches, torch.device('cuda'), mean, std, torch.channels_last))
+    on_cpu = list(train.device_batches(batches, torch.device('cpu'), mean, std))
+    assert len(on_gpu) == 3
+    for (gpu_images, gpu_labels, _), (cpu_images, cpu_labels, _) in zip(on_gpu, on_cpu):
+        assert gpu_images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(gpu_images.cpu(), cpu_images, atol=1e-6) and torch.equal(gpu_labels.cpu(), cpu_labels)
+
+
+@CUDA
+def test_cuda_batch_search_on_the_gpu(tmp_path):
+    """--batch_size auto's search with train.py's real trial step on the GPU, out of memory faked above 64
+    images: the RNGs as they were, and 0.85 of it."""
+    device, cfg = torch.device('cuda'), train.get_config(['--data', 'x', '--img_size', '16', '--batch_size', 'auto'])
+    model = timm.create_model(MODEL, num_classes=4).to(device)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16)
+
+    def trial(batch):
+        if batch > 64:
+            raise torch.OutOfMemoryError('fake: out of memory')
+        train.trial_steps(model, None, batch, cfg, 4, device, autocast)
+    cuda_state = torch.cuda.get_rng_state()
+    assert resilience.batch_sizes(cfg, 1, str(tmp_path / 'none.pt'), device, print, trial) == (48, 1)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+
