@@ -232,7 +232,8 @@ class Augment:
             for op in ops.unique().long().tolist():  # params stay on the host: no device sync
                 if op >= 0:
                     chosen = (ops == op).nonzero()[:, 0]
-                    x[to_device(chosen)] = APPLY[OPS[op]](x[to_device(chosen)], to_device(levels[chosen]), fill)
+                    on_device = to_device(chosen)
+                    x[on_device] = APPLY[OPS[op]](x[on_device], to_device(levels[chosen]), fill)
         return x
 
     def center_crop(self, image):

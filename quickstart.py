@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import train
+
 SMALL = ('--data fashion-mnist --img_size 32 --batch_size 128 --train_subset 10000 --epochs 10 --eval_every 1 '
          '--workers 2').split()
 RUNS = [  # name, out_dir, flags: the teacher's best.pt is a plain checkpoint of a timm resnet18
@@ -40,14 +42,10 @@ def fashion_mnist_from_debian(root, src='/usr/share/datasets/fashion-mnist'):
 
 
 def fashion_mnist_root(flags):
-    """Where train.py will look for Fashion-MNIST given these flags (the last of each wins, as in argparse), or
-    None when --data names another dataset."""
-    values = {}
-    for i, flag in enumerate(flags):
-        name, _, value = flag.partition('=')
-        if name in ('--data', '--data_dir', '--data-dir'):
-            values[name.replace('-', '_').strip('_')] = value or (flags[i + 1] if i + 1 < len(flags) else '')
-    return os.path.join(HERE, values.get('data_dir', 'data')) if values.get('data') == 'fashion-mnist' else None
+    """Where train.py will look for Fashion-MNIST given these flags, read by its own parser, or None when --data
+    names another dataset."""
+    cfg = train.get_config(flags)
+    return os.path.normpath(os.path.join(HERE, cfg.data_dir)) if cfg.data == 'fashion-mnist' else None
 
 
 def read_top1(run_dir):
