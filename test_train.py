@@ -627,6 +627,12 @@ def test_one_cycle_schedule():
         assert lrs[step] == pytest.approx(low + (2e-3 - low) * (1 + math.cos(math.pi * (step - 199) / 800)) / 2)
     # Adam's beta1 cycles the other way, 0.95 -> 0.85 at the peak -> 0.95, as the authors' code does
     assert (beta1s[0], beta1s[peak], beta1s[-1]) == pytest.approx((0.95, 0.85, 0.95), abs=1e-6)
+    for total_steps in range(1, 13):  # a smoke run of 5 steps at pct_start 0.2 divided by zero in OneCycleLR
+        optimizer, scheduler = train.make_optimizer(model, cfg, total_steps)
+        for _ in range(total_steps):
+            optimizer.step()
+            scheduler.step()  # as train_step, once a step: total_steps times
+            assert 0 < optimizer.param_groups[0]['lr'] <= 2e-3
 
 
 # ---------------------------------------------------------------- end to end

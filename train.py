@@ -200,15 +200,15 @@ def train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, c
 
 
 def make_optimizer(model, cfg, total_steps):
-    """AdamW, no decay on biases, norms and what the model names in no_weight_decay() (a ViT's pos_embed and
-    cls_token, LeViT's attention_biases), as timm's create_optimizer_v2 and the authors' code; one-cycle lr per
-    step, not scaled with the batch (the paper trains 512 to 3456 at 2e-3). OneCycleLR also cycles Adam's beta1
-    (0.85-0.95), as the authors' code does."""
+    """AdamW without decay on biases, norms and the model's no_weight_decay() (a ViT's pos_embed, cls_token), as
+    timm's create_optimizer_v2 and the authors' code; one-cycle lr per step, not scaled with the batch (the paper
+    trains 512 to 3456 at 2e-3), cycling Adam's beta1 too (0.95-0.85), as the authors' code does."""
     skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay, fused=next(model.parameters()).is_cuda)
+    pct_start = cfg.pct_start if cfg.pct_start * total_steps != 1 else 2 / total_steps  # torch divides by this - 1
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
-                                                    pct_start=cfg.pct_start)
+                                                    pct_start=pct_start)
     return optimizer, scheduler
 
 
