@@ -1,13 +1,16 @@
-"""Tests for train.py, distill.py, resilience.py, bench.py and quickstart.py: CPU only, offline, on data they
-generate. Run: python -m pytest -q -n 2 test_train.py (pytest-xdist; without -n, one by one)"""
+"""Tests for train.py, distill.py, resilience.py, bench.py and quickstart.py, offline, on data they generate.
+Run: python -m pytest -q -n 2 test_train.py (pytest-xdist; without -n, one by one). The runs are CPU runs on any
+machine; on a GPU machine, python -m pytest -q test_train.py -k cuda runs the CUDA-only tests (skipped elsewhere)."""
+import os
+os.environ.setdefault('PYTORCH_NVML_BASED_CUDA_CHECK', '1')  # is_available() must not start CUDA: the forkserver forks
 import fcntl
 import functools
+import glob
 import gzip
 import io
 import json
 import math
 import multiprocessing
-import os
 import random
 import re
 import runpy
@@ -33,7 +36,7 @@ import train
 from distill import fuse_bn, kd_loss, load_teacher, prepare_teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')  # CPU runs, as on CI
 MODEL = 'test_resnet'  # timm's 0.37M-parameter ResNet (BatchNorm, fc head): 2.6x faster per epoch than resnet10t
 FAST = ['--img_size', '32', '--batch_size', '32', '--workers', '1', '--log_every', '5']
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')  # 2 CPU processes
@@ -523,6 +526,8 @@ def test_sampler_seeds_and_mid_epoch_start():
     other_rank = resilience.SeededSampler(list(range(50)), 3, world=2, rank=0, seed=7)
     other_rank.set_epoch(4)
     assert not set(seeds) & {seed for _, seed in other_rank}
+    sampler.set_epoch(5)
+    assert not set(seeds) & {seed for _, seed in sampler}  # an image is augmented anew every epoch
 
 
 def test_accumulation_lays_out_samples_as_the_papers_processes():
@@ -605,6 +610,57 @@ def test_a_runs_ema_moved_and_best_pt_keeps_the_better_weights(teacher_run, refe
                                                                                    record['ema_top1'])
     kept = best['model' if raw_better else 'ema']
     assert all(torch.equal(best['state_dict'][k], kept[k]) for k in kept)
+
+
+@pytest.mark.parametrize('ema_wins', [True, False])
+def test_best_pt_keeps_the_weights_that_scored_higher(ema_wins, tiny_data, tmp_path, monkeypatch, keep_stop_handlers):
+    """best.pt's state_dict is the EMA or the raw weights, whichever evaluate() scored higher: a fake evaluate
+    gives the EMA (found through make_ema) 90% or 10%, the raw weights the other."""
+    emas, make_ema = [], train.make_ema
+    monkeypatch.setattr(train, 'make_ema', lambda *args: emas.append(make_ema(*args)) or emas[-1])
+    monkeypatch.setattr(train, 'evaluate', lambda model, *_: (90.0, 95.0, 40) if (model is emas[0].module) == ema_wins
+                        else (10.0, 20.0, 40))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # in this process: a CPU run on any machine
+    train.main([str(a) for a in ('--model', MODEL, '--data', tiny_data, '--teacher', 'none', '--epochs', 1,
+                                 '--train_subset', 64, '--out_dir', tmp_path, *FAST[:4], '--workers', 0,
+                                 '--data_pipeline', 'workers')])
+    best, record = saved(str(tmp_path / 'best.pt')), read_log(str(tmp_path))[0]
+    assert (record['ema_top1'], record['val_top1'], best['best']['raw_better']) == ((90, 10, False) if ema_wins
+                                                                                    else (10, 90, True))
+    kept, other = (best['ema'], best['model']) if ema_wins else (best['model'], best['ema'])
+    assert all(torch.equal(best['state_dict'][k], kept[k]) for k in kept)
+    assert not all(torch.equal(best['state_dict'][k], other[k]) for k in other)  # the two differ: a real choice
+
+
+def test_evaluate_counts_top1_top5_and_images():
+    """10 classes, 6 images in 2 batches, the label ranked 1st, 2nd, 5th, 6th, 1st and 10th by the model: top-1 2
+    of 6, top-5 4 of 6, 6 images; and the model in eval mode (BatchNorm's running statistics, no dropout)."""
+    class Fixed(nn.Module):  # logits 10, 9, ..., 1 for classes 0..9: class k is ranked k + 1
+        def forward(self, index):
+            return torch.arange(10, 0, -1.0).expand(len(index), 10)
+    model, labels = Fixed(), torch.tensor([0, 1, 4, 5, 0, 9])
+    batches = [(torch.zeros(4), labels[:4], []), (torch.zeros(2), labels[4:], [])]
+    top1, top5, images = train.evaluate(model, batches, torch.device('cpu'), torch.autocast('cpu', enabled=False))
+    assert (top1, top5, images) == (pytest.approx(100 * 2 / 6), pytest.approx(100 * 4 / 6), 6) and not model.training
+
+
+def test_accumulation_all_reduces_once_a_step():
+    """DDP all-reduces the gradients once a step, at the last of its micro-batches (require_backward_grad_sync),
+    not once per micro-batch: a comm hook counts the all-reduces (a 1-process gloo group, one bucket)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model, all_reduces = torch.nn.parallel.DistributedDataParallel(nn.Linear(8, 4)), []
+        model.register_comm_hook(None, lambda state, bucket: all_reduces.append(1) or allreduce_hook(state, bucket))
+        cfg = train.get_config(['--data', 'x', '--teacher', 'none', '--mixup', '0', '--cutmix', '0'])
+        optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=10)
+        for accum in (4, 1, 2):
+            all_reduces.clear()
+            train.train_step(model, None, torch.randn(8, 8), torch.randint(0, 4, (8,)), train.make_mixup(cfg, 4),
+                             optimizer, scheduler, cfg, torch.autocast('cpu', enabled=False), accum)
+            assert len(all_reduces) == 1, accum
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_one_cycle_schedule():
@@ -1152,7 +1208,8 @@ def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith('train.py: error:')]
-    assert len(errors) == 1 and errors[0].startswith('train.py: error: rank 0: lost contact with the other'), stderr
+    assert len(errors) == 1 and errors[0].startswith('train.py: error: rank 0: lost contact with the other'), (
+        stdout[-2000:] + stderr)
     assert survivor_exit < 6 and 'Traceback' not in stderr, stderr  # 2.1-2.6 s measured; the old code took 7
     assert re.search(r'resume: \S+last.pt at epoch [12], step', stdout), stdout
     assert 'weights identical across 2 ranks: True' in stdout
@@ -1452,8 +1509,10 @@ def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys, keep_stop_
             time.sleep(0.03)
             return super().__getitem__(item)
     monkeypatch.setattr(train, 'RobustDataset', SlowDataset)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # in this process: a CPU run on any machine
     train.main([str(a) for a in ('--model', MODEL, '--data', tiny_data, '--teacher', 'none', '--epochs', 1,
-                                 '--train_subset', 96, '--out_dir', tmp_path, *FAST[:4], '--workers', 0)])
+                                 '--train_subset', 96, '--out_dir', tmp_path, *FAST[:4], '--workers', 0,
+                                 '--data_pipeline', 'workers')])
     record = read_log(str(tmp_path))[0]
     assert record['data_wait'] > 0.2
     assert 'warning: data-bound' in capsys.readouterr().out
@@ -1504,7 +1563,10 @@ def test_one_process_ddp_and_accumulation_take_the_same_steps(tiny_data, tmp_pat
         for name, tensor in single['model'].items():
             assert (tensor - run['model'][name]).abs().max() < 1e-5, name
         assert (log['val_top1'], log['val_top5']) == (single_log['val_top1'], single_log['val_top5'])
+        assert log['val_images'] == single_log['val_images'] == 41  # each image once, in one of the shards
     assert single_log['val_top1'] * 41 / 100 == pytest.approx(round(single_log['val_top1'] * 41 / 100))  # of 41
+    accumulated = runs['accumulated'][1]  # a step's logged loss is its micro-batches' mean (rank 0 logs its own)
+    assert (accumulated['train_ce'], accumulated['train_kd']) == pytest.approx((single_log['train_ce'], 0), rel=1e-5)
 
 
 def test_eval_checkpoint_prints_the_best_top1(teacher_run, tiny_data, tmp_path):
@@ -1639,3 +1701,38 @@ def test_cuda_batch_search_on_the_gpu(tmp_path):
     assert resilience.batch_sizes(cfg, 1, str(tmp_path / 'none.pt'), device, print, trial) == (48, 1)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
 
+
+
+@CUDA
+def test_cuda_train_py_end_to_end_with_kd_and_resume(teacher_run, tiny_data, tmp_path):
+    """train.py as a user runs it on a GPU, every default: the device data path (nvJPEG, augmentation on the GPU),
+    the student and the prepared teacher compiled, bf16, channels-last, fused AdamW, the side-stream prefetch; 3
+    epochs of KD from the CPU-trained teacher, SIGKILLed in epoch 2 (held there by hold_at) and resumed from epoch
+    1's last.pt. The teacher scores on the GPU, from JPEGs, within 3 images of 40 of its CPU score."""
+    data = tmp_path / 'jpeg'
+    for png in glob.glob(os.path.join(tiny_data, '*', '*', '*.png')):
+        jpeg = data / os.path.relpath(png, tiny_data).replace('.png', '.jpg')
+        os.makedirs(jpeg.parent, exist_ok=True)
+        Image.open(png).convert('RGB').save(jpeg, quality=95)
+    teacher_dir, _ = teacher_run
+    out, restore = str(tmp_path / 'run'), hold_at(data, 1, range(3, 8), 32)
+    args = ['--model', MODEL, '--data', data, '--teacher', MODEL, '--teacher_checkpoint',
+            os.path.join(teacher_dir, 'best.pt'), '--epochs', 3, '--out_dir', out, *FAST[:4], '--workers', 2]
+    gpu_env = {k: v for k, v in ENV.items() if k != 'CUDA_VISIBLE_DEVICES'}
+    start = lambda *extra: subprocess.Popen(  # noqa: E731
+        [sys.executable, os.path.join(HERE, 'train.py'), *map(str, args + list(extra))], env=gpu_env, cwd=HERE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start()
+    wait_for(lambda: (s := saved(os.path.join(out, 'last.pt'))) is not None and s['epoch'] == 1, proc)
+    proc.kill()
+    proc.wait()
+    restore()
+    stdout, stderr = (proc := start('--resume')).communicate(timeout=600)
+    assert proc.returncode == 0 and 'resume:' in stdout, stdout[-3000:] + stderr[-3000:]
+    config = json.loads(stdout.split('config: ')[1].splitlines()[0])
+    assert (config['data_pipeline'], config['compile']) == ('device', True) and 'device: cuda' in stdout
+    teacher_top1 = float(stdout.split(f'teacher: {MODEL}, val top-1 ')[1].split('%')[0])
+    assert abs(teacher_top1 - saved(os.path.join(teacher_dir, 'best.pt'))['best']['top1']) <= 7.5
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [1, 2, 3] and log[-1]['step'] == 3 * log[0]['step']
+    assert all(math.isfinite(r['train_ce']) and r['train_kd'] > 0 and r['val_images'] == 40 for r in log)

@@ -221,7 +221,7 @@ def make_ema(model, cfg, total_steps):
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
-    """(top-1, top-5) in percent over all batches, summed over ranks (each holds its own shard)."""
+    """(top-1, top-5 in percent, images) over all batches, summed over ranks (each holds its own shard)."""
     model.eval()
     stats = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     for images, labels, _ in batches:
@@ -231,7 +231,7 @@ def evaluate(model, batches, device, autocast):
         stats += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
     if dist.is_initialized():
         dist.all_reduce(stats)
-    return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item()
+    return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item(), int(stats[2])
 
 
 def trial_steps(model, teacher, batch, cfg, num_classes, device, autocast):
@@ -299,7 +299,7 @@ def main(argv):
         try:  # train.py's checkpoints hold raw and EMA weights, timm's one set
             ckpt = torch.load(cfg.eval_checkpoint, map_location='cpu', weights_only=True)
             for name, weights in [('raw', ckpt['model']), ('EMA', ckpt['ema'])] if 'ema' in ckpt else [('', ckpt)]:
-                top1, top5 = evaluate(load_weights(model, weights), val_batches(), device, autocast)
+                top1, top5, _ = evaluate(load_weights(model, weights), val_batches(), device, autocast)
                 log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
         except Exception as e:  # a missing or unreadable file, another model (load_weights says which)
             raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
@@ -329,13 +329,13 @@ def main(argv):
     progress = resume(last_path if cfg.resume else None, run, stateful, log_path, log)
 
     if teacher is not None:  # checked on the validation set before a single step is spent
-        teacher_top1, teacher_top5 = evaluate(teacher, val_batches(), device, autocast)
+        teacher_top1, teacher_top5, _ = evaluate(teacher, val_batches(), device, autocast)
         log(f"teacher: {cfg.teacher}, val top-1 {teacher_top1:.2f}%, top-5 {teacher_top5:.2f}%")
         if teacher_top1 < chance_threshold(num_classes):
             raise Fail(f"teacher {cfg.teacher} scores {teacher_top1:.2f}% top-1 on this validation set, near "
                        f"chance ({100 / num_classes:.2f}%): its weights did not load or fit this dataset")
     # compiled with static shapes: the train batch, the validation batch and the last one compile in epoch 1
-    train_model = torch.compile(model, dynamic=False) if cfg.compile and on_cuda else model
+    eval_model = train_model = torch.compile(model, dynamic=False) if cfg.compile and on_cuda else model
     teacher = torch.compile(teacher, dynamic=False) if cfg.compile and on_cuda and teacher else teacher
     if world > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if on_cuda else None)
@@ -376,12 +376,12 @@ def main(argv):
 
         # validate raw (not through DDP: its buffer broadcast would hang on the uneven validation shards) and EMA
         # weights; the better of the two is what counts and what best.pt keeps
-        raw_better, record = True, record | dict.fromkeys(['val_top1', 'val_top5', 'ema_top1', 'ema_top5'])
+        raw_better, record = True, record | dict.fromkeys('val_top1 val_top5 ema_top1 ema_top5 val_images'.split())
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            top1, top5 = evaluate(train_model.module if world > 1 else train_model, val_batches(), device, autocast)
-            ema_top1, ema_top5 = evaluate(ema.module, val_batches(), device, autocast)
+            top1, top5, val_images = evaluate(eval_model, val_batches(), device, autocast)
+            ema_top1, ema_top5, _ = evaluate(ema.module, val_batches(), device, autocast)
             raw_better = top1 >= ema_top1
-            record.update(val_top1=top1, val_top5=top5, ema_top1=ema_top1, ema_top5=ema_top5)
+            record.update(val_top1=top1, val_top5=top5, ema_top1=ema_top1, ema_top5=ema_top5, val_images=val_images)
             if max(top1, ema_top1) > progress['best']['top1']:
                 progress['best'] = {'top1': max(top1, ema_top1), 'epoch': epoch + 1, 'raw_better': raw_better}
         record['elapsed_s'] = time.time() - t_start
