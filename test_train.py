@@ -999,6 +999,19 @@ def test_sigkill_then_resume_is_bit_identical_on_the_device_path(jpeg_data, tmp_
                     (1, range(5, 6), 16), (1, 4))
 
 
+def test_rng_states_come_back_from_a_checkpoint(tmp_path):
+    """The RNG states last.pt holds (torch, python, numpy with its cached gaussian), saved and loaded as a checkpoint
+    is: restored, each generator repeats the draws it made after the save. (On a CPU the test models draw nothing
+    from torch's RNG in a step, so the resume tests alone would miss a lost torch state; drop-path draws from it.)"""
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    np.random.normal()  # numpy now holds the second gaussian of a pair
+    torch.save(resilience.rng_states()[0], tmp_path / 'rng.pt')
+    draws = lambda: (torch.rand(3).tolist(), random.random(), np.random.normal(), np.random.rand())  # noqa: E731
+    after_save = draws()
+    resilience.set_rng_state(torch.load(tmp_path / 'rng.pt', weights_only=True))
+    assert draws() == after_save
+
+
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / 'last.pt')
     resilience.save_checkpoint({'step': 1, 'w': torch.ones(1000)}, path)
@@ -1504,9 +1517,15 @@ def test_cuda_device_path_matches_the_cpu():
 
 
 def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys, keep_stop_handlers):
-    class SlowDataset(resilience.RobustDataset):  # a loader far slower than the step: the run is data-bound
+    """A loader far slower than the step: the run is data-bound, and says so. What it loaded (no workers, so in
+    this process) is also what the recipe asks: 32 images of the 96, each 3 times (repeated augmentation)."""
+    loaded = []
+
+    class SlowDataset(resilience.RobustDataset):
         def __getitem__(self, item):
             time.sleep(0.03)
+            if isinstance(item, tuple):  # (index, seed): a training sample
+                loaded.append(item[0])
             return super().__getitem__(item)
     monkeypatch.setattr(train, 'RobustDataset', SlowDataset)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # in this process: a CPU run on any machine
@@ -1515,6 +1534,7 @@ def test_data_bound_warning(tiny_data, tmp_path, monkeypatch, capsys, keep_stop_
                                  '--data_pipeline', 'workers')])
     record = read_log(str(tmp_path))[0]
     assert record['data_wait'] > 0.2
+    assert len(loaded) == 96 and sorted(np.unique(loaded, return_counts=True)[1]) == [3] * 32
     assert 'warning: data-bound' in capsys.readouterr().out
 
 
