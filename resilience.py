@@ -424,7 +424,8 @@ def one_line_errors():
             worker.kill()
         if isinstance(e, RuntimeError) and 'DataLoader worker' in str(e):
             raise Fail(f"data loading failed: {str(e).splitlines()[0].strip()}") from None
-        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and '/gloo/' in str(e)):
+        # gloo's errors name their source file, but for its own timeout on a peer that was stopped and resumed
+        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search('/gloo/|pair closure', str(e))):
             cause = re.sub(r'^\[[^]]*\] ', '', str(e).splitlines()[0]).split('. This is typically')[0]
             raise Fail(f"rank {os.getenv('RANK')}: lost contact with the other processes ({cause}): one died or "
                        f"hung, its own error says why; the last.pt from before is kept") from None
