@@ -6,10 +6,12 @@ synchronized. The training step is train.py's own `train_step`, imported, not co
     python bench.py --model resnet50 --teacher tresnet_v2_l                 # GPU, 224 px
     python bench.py --model resnet18 --teacher resnet50 --img_size 64 --device cpu
     python bench.py --models resnet50,tresnet_m --batch_size auto --data /path/to/imagenet  # + both data paths
+    python bench.py --model resnet50 --teachers menu --plot teachers.png    # which teacher: top-1 against its cost
 """
 import argparse
 import copy
 import functools
+import gc
 import itertools
 import json
 import time
@@ -17,10 +19,29 @@ import time
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from distill import has_fast_bf16, prepare_teacher
 from resilience import find_max_batch, fits_in_memory, usable_batch
+
+# ImageNet-1k top-1 at 224 px of pretrained timm models, from timm's results/results-imagenet.csv (commit aa4b5850)
+TOP1 = {'convnextv2_base.fcmae_ft_in22k_in1k': 86.752, 'beitv2_base_patch16_224.in1k_ft_in22k_in1k': 86.494,
+        'seresnextaa101d_32x8d.sw_in12k_ft_in1k': 85.956, 'convnext_base.fb_in22k_ft_in1k': 85.814,
+        'caformer_s36.sail_in22k_ft_in1k': 85.780, 'deit3_base_patch16_224.fb_in22k_ft_in1k': 85.728,
+        'regnety_160.sw_in12k_ft_in1k': 85.596, 'swin_base_patch4_window7_224.ms_in22k_ft_in1k': 85.276,
+        'volo_d2_224.sail_in1k': 85.204, 'vit_base_patch16_224.augreg2_in21k_ft_in1k': 85.108,
+        'efficientvit_l2.r224_in1k': 85.046, 'convnext_small.fb_in22k_ft_in1k': 84.582,
+        'convnext_tiny.in12k_ft_in1k': 84.192, 'volo_d1_224.sail_in1k': 84.148,
+        'tresnet_v2_l.miil_in21k_ft_in1k': 83.910, 'tresnet_m.miil_in21k_ft_in1k': 83.090,
+        'deit3_small_patch16_224.fb_in22k_ft_in1k': 83.082,
+        'levit_384.fb_dist_in1k': 82.600, 'resnet101.a1h_in1k': 81.950, 'tresnet_l.miil_in1k': 81.498,
+        'resnet50.a1_in1k': 80.382}
+# the built-in menu: CNNs and transformers from 82% to 87%, the paper's two among them (Table 4: TResNet-L, VOLO)
+MENU = ['resnet101.a1h_in1k', 'levit_384.fb_dist_in1k', 'deit3_small_patch16_224.fb_in22k_ft_in1k', 'tresnet_v2_l',
+        'volo_d1_224', 'convnext_tiny.in12k_ft_in1k', 'efficientvit_l2.r224_in1k',
+        'vit_base_patch16_224.augreg2_in21k_ft_in1k', 'convnext_base.fb_in22k_ft_in1k',
+        'convnextv2_base.fcmae_ft_in22k_in1k']
 
 
 def get_args(argv=None):
@@ -37,11 +58,16 @@ def get_args(argv=None):
     parser.add_argument('--steps', type=int, default=0, help='timed steps (default: 30 on CUDA, 10 on CPU)')
     parser.add_argument('--data', default='', help='an ImageFolder root: also time the data pipeline')
     parser.add_argument('--workers', type=int, default=train.WORKERS)
+    parser.add_argument('--data_pipeline', default='device', choices=['device', 'workers'],
+                        help="what feeds the end-to-end steps (train_e2e_img_s) with --data")
     parser.add_argument('--json', default='', help='write all figures to this file')
+    parser.add_argument('--teachers', default='', help="'menu' or timm names, comma separated: a teacher menu")
+    parser.add_argument('--plot', default='', help='with --teachers: draw top-1 against train_kd_img_s (a PNG)')
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda, but no CUDA device is available')
-    for name in (args.models.split(',') if args.models else [args.model]) + [args.teacher]:
+    args.teachers = [t for name in args.teachers.split(',') if name for t in (MENU if name == 'menu' else [name])]
+    for name in (args.models.split(',') if args.models else [args.model]) + [args.teacher] + args.teachers:
         if name != 'none' and not timm.is_model(name):
             parser.error(f"unknown model '{name}' (not in timm.list_models())")
     if args.batch_size not in ('', 'auto') and not (args.batch_size.isdigit() and int(args.batch_size) > 1):
@@ -67,8 +93,9 @@ def img_per_sec(fn, batch, steps, device, warmup=None):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, autocast):
-    """A closure running train.py's train_step once on a fixed synthetic batch, as train.py sets it up."""
+def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, autocast, batches=None):
+    """A closure running train.py's train_step once, as train.py sets it up: on a fixed synthetic batch, or on the
+    next of `batches` (train.py's data path, prepared by its helper thread while the step runs)."""
     on_cuda = device.type == 'cuda'
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
     model = timm.create_model(name, num_classes=num_classes).to(device, memory_format=memory_format).train()
@@ -77,7 +104,8 @@ def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, aut
     mixup_fn = train.make_mixup(cfg, num_classes)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    return lambda: train.train_step(step_model, teacher, images.clone(), labels, mixup_fn, optimizer, scheduler,
+    return lambda: train.train_step(step_model, teacher, *((images.clone(), labels) if batches is None else
+                                                           next(batches)[:2]), mixup_fn, optimizer, scheduler,
                                     cfg, autocast)
 
 
@@ -101,14 +129,20 @@ def teacher_variants(name, args, device):
     return variants
 
 
-def data_pipeline_img_s(args, cfg, batch, device, pipeline):
-    """img/s of train.py's data path in steady state (after the workers' prefetched batches, 2 each). workers: PIL
-    decodes and augments in the workers; device: they read bytes and draw, the device does the rest."""
+def train_batches(args, cfg, batch, device, pipeline, epochs=1):
+    """train.py's data path: its loader (--workers) and device_batches, for `epochs` epochs."""
     cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': pipeline})
     loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch, cfg, 0)
-    batches = train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augment=train.Augment(
-        cfg.img_size, True, IMAGENET_DEFAULT_MEAN) if pipeline == 'device' else None)
-    for _ in range(min(2 * max(1, args.workers) + 1, len(loader) - 1)):  # what the workers prefetched
+    augment = train.Augment(cfg.img_size, True, IMAGENET_DEFAULT_MEAN) if pipeline == 'device' else None
+    for _ in range(epochs):
+        yield from train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augment=augment)
+
+
+def data_pipeline_img_s(args, cfg, batch, device, pipeline):
+    """img/s of train.py's data path alone, in steady state (after the workers' prefetched batches, 2 each).
+    workers: PIL decodes and augments in the workers; device: they read bytes and draw, the device does the rest."""
+    batches = train_batches(args, cfg, batch, device, pipeline, epochs=10 ** 6)
+    for _ in range(2 * max(1, args.workers) + 1):  # what the workers prefetched
         next(batches)
     sync(device)
     t0, timed = time.perf_counter(), 0
@@ -116,6 +150,118 @@ def data_pipeline_img_s(args, cfg, batch, device, pipeline):
         timed += len(images)
     sync(device)
     return timed / (time.perf_counter() - t0)
+
+
+class CountOps(TorchDispatchMode):
+    """Ops dispatched inside the block, views and JPEG decoding excluded (one batched call on CUDA): on a GPU,
+    each is a kernel launch the host makes."""
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view and 'decode_jpeg' not in str(func)
+        return func(*args, **(kwargs or {}))
+
+
+def device_ops_per_batch(args, cfg, batch):
+    """The device side of one training batch of --data_pipeline device (Augment), counted on the CPU."""
+    cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': 'device'})
+    loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch,
+                               argparse.Namespace(**vars(cfg) | {'workers': 0}), 0)
+    images, labels, _ = next(iter(loader))
+    with CountOps() as count:
+        train.Augment(cfg.img_size, True, IMAGENET_DEFAULT_MEAN)(images, labels, torch.device('cpu'))
+    return count.ops
+
+
+def tagged(name):
+    """timm's name with its pretrained tag: an untagged name means timm's default tag for it."""
+    cfg = timm.get_pretrained_cfg(name)
+    return name if '.' in name or not (cfg and cfg.tag) else f'{name}.{cfg.tag}'
+
+
+def create(name, args):  # random weights (throughput needs no trained ones); transformers at --img_size
+    try:
+        return timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size)
+    except TypeError:
+        return timm.create_model(name, num_classes=args.num_classes)
+
+
+def pareto(rows):
+    """Per row: no other teacher has both a higher top-1 and a faster KD step (None without both figures)."""
+    known = [r for r in rows if r['top1'] is not None and r['train_kd_img_s'] is not None]
+    return [None if r not in known else not any(o['top1'] > r['top1'] and o['train_kd_img_s'] > r['train_kd_img_s']
+                                                for o in known) for r in rows]
+
+
+def teacher_menu(args, cfg, device, autocast):
+    """Each teacher, prepared as prepare_teacher leaves it, timed alone and in the student's KD step (train.py's
+    train_step), one at a time, each released before the next; the student's plain step once."""
+    batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if device.type == 'cuda' else 16)
+    timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device,
+                              warmup=None if device.type == 'cuda' else 1)  # CPU: one warm-up call, not steps / 3
+    step = functools.partial(make_train_step, args.model, cfg=cfg, batch=batch, device=device, compile=args.compile,
+                             num_classes=args.num_classes, autocast=autocast)
+    plain = timed(step(None))
+    rows = []
+    for name in args.teachers:
+        row = dict(teacher=name, teacher_img_s=None, train_kd_img_s=None, kd_overhead=None, params_m=None,
+                   top1=TOP1.get(tagged(name)), pareto=None)
+
+        def measure():
+            teacher = prepare_teacher(create(name, args), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, device,
+                                      compile=args.compile)
+            row['params_m'] = sum(p.numel() for p in teacher.parameters()) / 1e6
+            row['teacher_img_s'] = timed(make_inference(teacher, batch, args.img_size, device))
+            row['train_kd_img_s'] = timed(step(teacher))
+        if not fits_in_memory(measure):  # (fits_in_memory releases the memory either way)
+            row.update(teacher_img_s=None, train_kd_img_s=None, params_m=None, out_of_memory=batch)
+        row['kd_overhead'] = row['train_kd_img_s'] and 1 - row['train_kd_img_s'] / plain
+        rows.append(row)
+        gc.collect()
+    for row, flag in zip(rows, pareto(rows)):
+        row['pareto'] = flag
+    rows.sort(key=lambda r: -(r['train_kd_img_s'] or 0))
+    where = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
+    print(f"teacher menu for {args.model} at {args.img_size} px, batch {batch}, on {where}, "
+          f"{'compiled' if args.compile else 'not compiled'}; its plain step {plain:.0f} img/s")
+    print('| teacher | top1 | params_m | teacher_img_s | train_kd_img_s | kd_overhead | pareto |\n|' + '---|' * 7)
+    for r in rows:
+        figures = ([f"out of memory at batch {r['out_of_memory']}"] * 3 if 'out_of_memory' in r else
+                   [fmt('', r['teacher_img_s']), fmt('', r['train_kd_img_s']), fmt('kd_overhead', r['kd_overhead'])])
+        print(f"| {r['teacher']} | {fmt('', r['top1'])} | {fmt('params_m', r['params_m'])} | " +
+              ' | '.join(figures) + f" | {fmt('', r['pareto'])} |")
+    if TOP1.get(tagged(args.model)) is not None:
+        print(f"teacher must beat the student: {args.model}'s ImageNet top-1 is {TOP1[tagged(args.model)]}")
+    rows = [{k: r[k] for k in ('teacher', 'teacher_img_s', 'train_kd_img_s', 'kd_overhead', 'params_m', 'top1',
+                               'pareto')} for r in rows]
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+    if args.plot:
+        plot_menu(rows, args)
+    return rows
+
+
+def plot_menu(rows, args):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print(f"--plot {args.plot}: needs matplotlib (pip install matplotlib)")
+    known = [r for r in rows if r['top1'] is not None and r['train_kd_img_s'] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([r['train_kd_img_s'] for r in known], [r['top1'] for r in known])
+    for r in known:
+        ax.annotate(r['teacher'].split('.')[0], (r['train_kd_img_s'], r['top1']), fontsize=8, xytext=(3, 3),
+                    textcoords='offset points')
+    front = sorted((r for r in known if r['pareto']), key=lambda r: r['train_kd_img_s'])
+    ax.plot([r['train_kd_img_s'] for r in front], [r['top1'] for r in front], 'r-', label='Pareto front')
+    ax.set(xlabel=f"{args.model}'s KD step with it, img/s", ylabel="teacher's ImageNet top-1 (%)",
+           title=f'Which teacher for {args.model}: {args.img_size} px, batch {args.batch_size or "default"}')
+    ax.legend()
+    fig.savefig(args.plot, dpi=120, bbox_inches='tight')
+    print(f"wrote {args.plot}")
 
 
 def main(argv=None):
@@ -126,6 +272,8 @@ def main(argv=None):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=on_cuda)  # as train.py: bf16 on CUDA only
     cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size),
                             '--workers', str(args.workers)])
+    if args.teachers:
+        return teacher_menu(args, cfg, device, autocast)
     variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
     teacher = variants.get('prepared')
     results, teacher_speeds = [], {}  # the teacher's speeds depend on the batch only: measured once per batch
@@ -162,11 +310,15 @@ def main(argv=None):
             ideal = 1 / (1 / row['train_img_s'] + 1 / row['teacher_prepared_img_s'])
             row.update(train_kd_img_s=kd, kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal,
                        kd_efficiency=kd / ideal)
-        if args.data:  # both pipelines, each with --workers data workers
+        if args.data:  # both pipelines alone, each with --workers data workers; then one feeding the steps
             data = {p: data_pipeline_img_s(args, cfg, batch, device, p) for p in ('workers', 'device')}
             slower = max(data.values()) < (row['train_kd_img_s'] or row['train_img_s'])  # than the step, both
             row.update(data_workers=args.workers, data_workers_img_s=data['workers'], data_device_img_s=data['device'],
-                       bound_by='data' if slower else 'compute')
+                       bound_by='data' if slower else 'compute', data_device_ops=device_ops_per_batch(args, cfg, batch),
+                       e2e_pipeline=args.data_pipeline, train_kd_e2e_img_s=None)
+            for key, kd_teacher in [('train_e2e_img_s', None)] + ([('train_kd_e2e_img_s', teacher)] if teacher else []):
+                batches = train_batches(args, cfg, batch, device, args.data_pipeline, epochs=10 ** 6)
+                row[key] = timed(train_step(kd_teacher, batches=batches), warmup=2 * max(1, args.workers) + 1)
         results.append(row)
     print_table(results)
     for batch, speeds in teacher_speeds.items():
@@ -179,6 +331,8 @@ def main(argv=None):
 
 
 def fmt(column, value):
+    if column == 'params_m' and value is not None:
+        return f'{value:.1f}'
     if value is None or column in ('kd_overhead', 'kd_efficiency'):
         return 'n/a' if value is None else f'{value:.1%}' if column == 'kd_overhead' else f'{value:.3f}'
     return f'{value:.0f}' if isinstance(value, float) else str(value)
@@ -189,7 +343,8 @@ def print_table(results):
                'kd_overhead', 'kd_ideal_img_s', 'kd_efficiency', 'teacher_plain_img_s', 'teacher_prepared_img_s',
                'max_batch', 'max_batch_kd', 'recommended_batch']
     if any('data_device_img_s' in r for r in results):
-        columns += ['data_workers', 'data_workers_img_s', 'data_device_img_s', 'bound_by']
+        columns += ['data_workers', 'data_workers_img_s', 'data_device_img_s', 'bound_by', 'data_device_ops',
+                    'e2e_pipeline', 'train_e2e_img_s', 'train_kd_e2e_img_s']
     print('| ' + ' | '.join(columns) + ' |')
     print('|' + '---|' * len(columns))
     for row in results:

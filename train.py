@@ -32,15 +32,14 @@ from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
                         one_line_errors, resume, worker_init)
 
-# -----------------------------------------------------------------------------
-# model and data
+# ---------------------------------------------------------------------------------------------- model and data
 MODEL = 'resnet50'                # student backbone, any timm name (paper: "any backbone")
 DATA = ''                         # ImageFolder root with train/ and val/, or 'fashion-mnist' / 'cifar10'
 DATA_DIR = './data'               # where torchvision datasets are downloaded / found
 TRAIN_SUBSET = 0                  # train on a fixed random subset of this many images (0: all); for CPU runs
 IMG_SIZE = 224                    # train and test resolution (Table 1: 224 / 224)
 TEST_CROP_RATIO = 0.95            # eval: resize short side to round(224 / 0.95), center-crop 224 (Table 1)
-DATA_PIPELINE = 'device' if torch.cuda.is_available() else 'workers'  # decode + augment: device_data.py or PIL
+DATA_PIPELINE = 'workers'         # PIL in the workers; 'device': device_data.py (default on CUDA once GPU-tested)
 # teacher and KD
 TEACHER = 'tresnet_v2_l'          # TResNet-L, 83.9% top-1 (Table 1); 'none' trains without KD
 TEACHER_CHECKPOINT = ''           # local teacher weights (timm checkpoint or train.py's best.pt); '' = hub
@@ -112,8 +111,7 @@ def get_config(argv):
     return cfg
 
 
-# -----------------------------------------------------------------------------
-# data
+# ---------------------------------------------------------------------------------------------------------- data
 
 def make_datasets(cfg, mean, std):
     """(train_set, val_set, num_classes), USI's train transform and 0.95-crop eval, as uint8: see device_batches.
@@ -165,8 +163,7 @@ def make_loader(dataset, batch, cfg, rank, sampler=None):
         generator=torch.Generator().manual_seed(cfg.seed + rank))
 
 
-# -----------------------------------------------------------------------------
-# the USI step, AdamW + one-cycle, evaluation (bench.py and the tests use these too)
+# ------------------------------- the USI step, AdamW + one-cycle, evaluation (bench.py and the tests use these too)
 
 def make_mixup(cfg, num_classes):
     """Batch-wise mixup (alpha 0.8) or cutmix (alpha 1.0), one of the two per batch, no label smoothing:
@@ -207,9 +204,8 @@ def make_optimizer(model, cfg, total_steps):
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay, fused=next(model.parameters()).is_cuda)
     pct_start = cfg.pct_start if cfg.pct_start * total_steps != 1 else 2 / total_steps  # torch divides by this - 1
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
-                                                    pct_start=pct_start)
-    return optimizer, scheduler
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                                          pct_start=pct_start)
 
 
 def make_ema(model, cfg, total_steps):
@@ -228,7 +224,7 @@ def evaluate(model, batches, device, autocast):
         with autocast:
             logits = model(images)
         hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        stats += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+        stats += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_full((), len(labels))])  # no copy
     if dist.is_initialized():
         dist.all_reduce(stats)
     return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item(), int(stats[2])
@@ -277,18 +273,16 @@ def main(argv):
     try:  # the teacher (compiled after the batch search, which runs shapes training never will), then the student
         teacher = None if cfg.teacher == 'none' or cfg.eval_checkpoint else prepare_teacher(
             load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes), mean, std, device)
-        # Determinism contract: SEED fixes the initial weights (the same on every rank: DDP starts in sync); SEED +
-        # rank each rank's RNGs (mixup/cutmix, drop-path) and loader generators; (SEED, epoch, position) each sample's
-        # augmentation (SeededSampler), the epoch the order (RepeatAugSampler), 0 the --train_subset. A resumed run
-        # restores every rank's RNG states from last.pt, so it trains bit for bit like an uninterrupted one.
+        # Determinism contract: SEED fixes the initial weights (the same on every rank); SEED + rank each rank's RNGs
+        # (mixup/cutmix, drop-path) and loader generators; (SEED, epoch, position) each sample's augmentation, the epoch
+        # the order, 0 the --train_subset. A resumed run restores every RNG state from last.pt: bit for bit the same.
         torch.manual_seed(cfg.seed)
         model = timm.create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained)
         model = load_weights(model, cfg.init_checkpoint, new_head=True) if cfg.init_checkpoint else model
     except Exception as e:  # distill.py's one-line ValueErrors (a missing file, another model), a failed download
         raise Fail(str(e).splitlines()[0])
     model = model.to(device, memory_format=memory_format)
-    for seed in (torch.manual_seed, np.random.seed, random.seed):
-        seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), random.seed(cfg.seed + rank)
 
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # disjoint, uneven: see evaluate
     augment = {split: Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
@@ -337,8 +331,8 @@ def main(argv):
     # compiled with static shapes: the train batch, the validation batch and the last one compile in epoch 1
     eval_model = train_model = torch.compile(model, dynamic=False) if cfg.compile and on_cuda else model
     teacher = torch.compile(teacher, dynamic=False) if cfg.compile and on_cuda and teacher else teacher
-    if world > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if on_cuda else None)
+    train_model = DistributedDataParallel(train_model, device_ids=[device.index] if on_cuda else None) if world > 1 \
+        else train_model
     mixup, watchdog = make_mixup(cfg, num_classes), Watchdog(cfg, device, rank, len(train_set), progress, log)
     save_last = lambda: checkpoint(last_path, stateful, run, progress | {'loss_sum': loss_sum.cpu()})  # mid-epoch
 
@@ -363,11 +357,13 @@ def main(argv):
                 t_log, step_log = time.time(), step
             if watchdog.check(step, ce + kd, progress['epoch_step'] == steps_per_epoch, save_last):
                 return  # a stop signal: last.pt is written, and the run exits 0
-        ce_mean, kd_mean = (loss_sum / steps_per_epoch).tolist()
-        loss_sum.zero_()
+        if world > 1:  # the mean over ranks, as timm logs it: one all-reduce an epoch
+            dist.all_reduce(loss_sum)
+        (ce_mean, kd_mean), _ = (loss_sum / (steps_per_epoch * world)).tolist(), loss_sum.zero_()
         record = {'epoch': epoch + 1, 'step': progress['step'], 'train_ce': ce_mean, 'train_kd': kd_mean,
                   'train_loss': kd_mean if math.isinf(cfg.alpha_kd) else ce_mean + cfg.alpha_kd * kd_mean,
                   'lr': scheduler.get_last_lr()[0], 'bad_files': len(progress['bad_files']),
+                  'pil_decodes': augment['train'].pil_decodes if augment else 0,  # JPEGs the device's decoder refused
                   'img_per_sec': (progress['step'] - epoch_start) * global_batch / (time.time() - t_epoch),
                   'data_wait': watchdog.waited / (time.time() - t_epoch)}  # the share spent waiting for data
         if record['data_wait'] > 0.2:
@@ -384,6 +380,10 @@ def main(argv):
             record.update(val_top1=top1, val_top5=top5, ema_top1=ema_top1, ema_top5=ema_top5, val_images=val_images)
             if max(top1, ema_top1) > progress['best']['top1']:
                 progress['best'] = {'top1': max(top1, ema_top1), 'epoch': epoch + 1, 'raw_better': raw_better}
+            if teacher is not None and max(top1, ema_top1) > teacher_top1:  # said once; it changes no training
+                log(f"the student now beats its teacher ({max(top1, ema_top1):.2f}% > {teacher_top1:.2f}%): USI needs "
+                    f"a teacher that outperforms the student (Section 2.3): bench.py --teachers, or --teacher none")
+                teacher_top1 = math.inf
         record['elapsed_s'] = time.time() - t_start
         log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in list(record.items())[1:] if v is not None))
         if rank == 0:
