@@ -81,16 +81,21 @@ def sync(device):
     torch.cuda.synchronize() if device.type == 'cuda' else None
 
 
-def img_per_sec(fn, batch, steps, device, warmup=None):
-    """Images per second of fn() on `batch` images: warm-up calls (compilation, cudnn autotune), then timed."""
+def img_per_sec(fn, batch, steps, device, warmup=None, median=False):
+    """Images per second of fn() on `batch` images: warm-up calls (compilation, cudnn autotune), then timed. With
+    `median` (CPU only: CUDA calls overlap), from the median call, which a shared host's bursts of stolen time
+    (+-20% on 2 cores) do not move."""
     for _ in range(warmup or max(2, steps // 3)):
         fn()
     sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        times.append(time.perf_counter())
         fn()
     sync(device)
-    return batch * steps / (time.perf_counter() - t0)
+    times.append(time.perf_counter())
+    calls = sorted(b - a for a, b in zip(times, times[1:]))
+    return batch / calls[len(calls) // 2] if median else batch * steps / (times[-1] - times[0])
 
 
 def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, autocast, batches=None):
@@ -181,9 +186,11 @@ def tagged(name):
 
 def create(name, args):  # random weights (throughput needs no trained ones); transformers at --img_size
     try:
-        return timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size)
+        model = timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size)
     except TypeError:
-        return timm.create_model(name, num_classes=args.num_classes)
+        model = timm.create_model(name, num_classes=args.num_classes)
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, args.img_size, args.img_size))  # BN-fold probe
+    return model
 
 
 def pareto(rows):
@@ -197,8 +204,9 @@ def teacher_menu(args, cfg, device, autocast):
     """Each teacher, prepared as prepare_teacher leaves it, timed alone and in the student's KD step (train.py's
     train_step), one at a time, each released before the next; the student's plain step once."""
     batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if device.type == 'cuda' else 16)
-    timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device,
-                              warmup=None if device.type == 'cuda' else 1)  # CPU: one warm-up call, not steps / 3
+    on_cpu = device.type == 'cpu'  # a CPU step's first ~5 calls run at half speed: 6 warm-up calls there
+    timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device, warmup=6 if on_cpu else None,
+                              median=on_cpu)
     step = functools.partial(make_train_step, args.model, cfg=cfg, batch=batch, device=device, compile=args.compile,
                              num_classes=args.num_classes, autocast=autocast)
     plain = timed(step(None))
@@ -213,8 +221,13 @@ def teacher_menu(args, cfg, device, autocast):
             row['params_m'] = sum(p.numel() for p in teacher.parameters()) / 1e6
             row['teacher_img_s'] = timed(make_inference(teacher, batch, args.img_size, device))
             row['train_kd_img_s'] = timed(step(teacher))
-        if not fits_in_memory(measure):  # (fits_in_memory releases the memory either way)
-            row.update(teacher_img_s=None, train_kd_img_s=None, params_m=None, out_of_memory=batch)
+        try:  # fits_in_memory releases the memory either way
+            fits = fits_in_memory(measure)
+        except Exception as e:  # e.g. a transformer that cannot take this --img_size
+            fits, row['note'] = False, f"fails: {str(e).splitlines()[0][:80]}"
+        if not fits:
+            row.update(teacher_img_s=None, train_kd_img_s=None, params_m=None)
+            row.setdefault('note', f"out of memory at batch {batch}")
         row['kd_overhead'] = row['train_kd_img_s'] and 1 - row['train_kd_img_s'] / plain
         rows.append(row)
         gc.collect()
@@ -226,9 +239,9 @@ def teacher_menu(args, cfg, device, autocast):
           f"{'compiled' if args.compile else 'not compiled'}; its plain step {plain:.0f} img/s")
     print('| teacher | top1 | params_m | teacher_img_s | train_kd_img_s | kd_overhead | pareto |\n|' + '---|' * 7)
     for r in rows:
-        figures = ([f"out of memory at batch {r['out_of_memory']}"] * 3 if 'out_of_memory' in r else
+        figures = ([r['note']] * 3 if 'note' in r else
                    [fmt('', r['teacher_img_s']), fmt('', r['train_kd_img_s']), fmt('kd_overhead', r['kd_overhead'])])
-        print(f"| {r['teacher']} | {fmt('', r['top1'])} | {fmt('params_m', r['params_m'])} | " +
+        print(f"| {r['teacher']} | {fmt('top1', r['top1'])} | {fmt('params_m', r['params_m'])} | " +
               ' | '.join(figures) + f" | {fmt('', r['pareto'])} |")
     if TOP1.get(tagged(args.model)) is not None:
         print(f"teacher must beat the student: {args.model}'s ImageNet top-1 is {TOP1[tagged(args.model)]}")
@@ -331,8 +344,8 @@ def main(argv=None):
 
 
 def fmt(column, value):
-    if column == 'params_m' and value is not None:
-        return f'{value:.1f}'
+    if column in ('params_m', 'top1') and value is not None:
+        return f'{value:.1f}' if column == 'params_m' else f'{value:.2f}'
     if value is None or column in ('kd_overhead', 'kd_efficiency'):
         return 'n/a' if value is None else f'{value:.1%}' if column == 'kd_overhead' else f'{value:.3f}'
     return f'{value:.0f}' if isinstance(value, float) else str(value)
