@@ -4,16 +4,20 @@ from it, and the same student without KD, on Fashion-MNIST (10,000 images at 32 
 table, and (with matplotlib) their validation top-1 per epoch in curves.png beside it. 16 minutes on a 2-core
 Intel Xeon (34 on an older 2-core CPU; the README's figures).
 
-    python quickstart.py                    # Fashion-MNIST: Debian's dataset-fashion-mnist, or downloaded
+    python quickstart.py                    # Fashion-MNIST, found or fetched (fashion_mnist below says from where)
     QUICKSTART_ARGS="--data DIR --epochs 1 --img_size 32" python quickstart.py   # any dataset, any flags
 """
+import glob
 import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+
+from torchvision import datasets
 
 import train
 
@@ -28,17 +32,49 @@ RUNS = [  # name, out_dir, flags: the teacher's best.pt is a plain checkpoint of
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fashion_mnist_from_debian(root, src='/usr/share/datasets/fashion-mnist'):
-    """Unpack Debian's dataset-fashion-mnist where torchvision reads it, so --data fashion-mnist works offline.
+DEBIAN = '/usr/share/datasets/fashion-mnist'  # where Debian's dataset-fashion-mnist puts the files
+FILES = [f'{split}-{kind}-ubyte' for split in ('train', 't10k') for kind in ('images-idx3', 'labels-idx1')]
+
+
+def fashion_mnist_from_debian(root, src=DEBIAN):
+    """Unpack Debian's Fashion-MNIST files where torchvision reads them, so --data fashion-mnist works offline.
     (The Debian files are recompressed, so torchvision's own download/checksum path cannot use them.)"""
     raw = os.path.join(root, 'FashionMNIST', 'raw')
-    for name in [f'{split}-{kind}-ubyte' for split in ('train', 't10k') for kind in ('images-idx3', 'labels-idx1')]:
+    for name in FILES:
         if os.path.isdir(src) and not os.path.exists(os.path.join(raw, name)):
             os.makedirs(raw, exist_ok=True)
             tmp = os.path.join(raw, f'{name}.{os.getpid()}.tmp')  # runs started side by side write apart
             with gzip.open(os.path.join(src, name + '.gz')) as f, open(tmp, 'wb') as out:
                 shutil.copyfileobj(f, out)
             os.replace(tmp, os.path.join(raw, name))
+
+
+def fashion_mnist(root):
+    """Fashion-MNIST into `root`, from the first source that has it: already there; Debian's dataset-fashion-mnist
+    if installed; torchvision's download; Debian's package fetched without root and without installing it
+    (apt-get download, dpkg-deb -x), where apt-get exists: a machine that reaches only its package registries."""
+    if all(os.path.exists(os.path.join(root, 'FashionMNIST', 'raw', name)) for name in FILES):
+        return
+    if os.path.isdir(DEBIAN):
+        return fashion_mnist_from_debian(root, DEBIAN)
+    try:
+        for split in (True, False):
+            datasets.FashionMNIST(root, train=split, download=True)
+        return
+    except Exception as e:  # offline: torchvision's mirrors are out of reach
+        offline = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not (shutil.which('apt-get') and shutil.which('dpkg-deb')):
+        sys.exit(f"quickstart.py: error: no Fashion-MNIST in {root} and no download ({offline}); get it with "
+                 f"'sudo apt-get install dataset-fashion-mnist' (Debian, Ubuntu) or on a machine with internet")
+    print(f"Fashion-MNIST: no download ({offline}); fetching Debian's dataset-fashion-mnist with apt-get download "
+          f"and dpkg-deb -x (no root, nothing installed)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run(['apt-get', 'download', 'dataset-fashion-mnist'], cwd=tmp, capture_output=True)
+        debs = glob.glob(os.path.join(tmp, '*.deb'))
+        if fetched.returncode or not debs or subprocess.run(['dpkg-deb', '-x', debs[0], tmp]).returncode:
+            sys.exit(f"quickstart.py: error: apt-get download dataset-fashion-mnist failed; get Fashion-MNIST with "
+                     f"'sudo apt-get install dataset-fashion-mnist' or on a machine with internet")
+        fashion_mnist_from_debian(root, os.path.join(tmp, 'usr/share/datasets/fashion-mnist'))  # the package's path
 
 
 def fashion_mnist_root(flags):
@@ -78,7 +114,7 @@ def main(out='out/quickstart'):
     out, flags = os.path.abspath(out), SMALL + os.environ.get('QUICKSTART_ARGS', '').split()  # later flags win
     os.makedirs(out, exist_ok=True)
     if fashion_mnist_root(flags):  # not when QUICKSTART_ARGS points --data elsewhere
-        fashion_mnist_from_debian(fashion_mnist_root(flags))
+        fashion_mnist(fashion_mnist_root(flags))
     rows = []
     for name, run_dir, run_flags in RUNS:
         run_dir = os.path.join(out, run_dir)

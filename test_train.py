@@ -780,7 +780,7 @@ def test_ddp_two_processes(tiny_data, tmp_path):
 
 def test_quickstart_unpacks_fashion_mnist_only_where_train_py_reads_it(monkeypatch, tmp_path, capsys):
     unpacked = []
-    monkeypatch.setattr(quickstart, 'fashion_mnist_from_debian', unpacked.append)
+    monkeypatch.setattr(quickstart, 'fashion_mnist', unpacked.append)
     monkeypatch.setattr(quickstart, 'RUNS', [])  # the flags alone, no training
     for args, root in (('', os.path.join(HERE, 'data')), ('--data /elsewhere', None), ('--data=cifar10', None),
                        ('--data_dir /d', '/d'), ('--data-dir=/e --data fashion-mnist', '/e')):
@@ -856,19 +856,72 @@ def test_bad_inputs(tiny_data, tmp_path):
                              check=False), 'near chance')
 
 
-def test_fashion_mnist_from_debian_files(tmp_path):
-    """The Debian package's gzipped idx files, unpacked where torchvision reads them, load without a download."""
-    src, root = tmp_path / 'debian', tmp_path / 'data'
-    os.makedirs(src)
+def debian_fashion_mnist(src):
+    """Files like the Debian package's: gzipped idx, 12 train and 5 test images. Returns the test images, labels."""
+    os.makedirs(src, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, n in (('train', 12), ('t10k', 5)):
         images, labels = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.uint8)
         for kind, header, payload in (('images-idx3', [2051, n, 28, 28], images), ('labels-idx1', [2049, n], labels)):
-            with gzip.open(src / f'{split}-{kind}-ubyte.gz', 'wb') as f:
+            with gzip.open(os.path.join(src, f'{split}-{kind}-ubyte.gz'), 'wb') as f:
                 f.write(np.array(header, dtype='>i4').tobytes() + payload.tobytes())
+    return images, labels
+
+
+def test_fashion_mnist_from_debian_files(tmp_path):
+    """The Debian package's gzipped idx files, unpacked where torchvision reads them, load without a download."""
+    src, root = tmp_path / 'debian', tmp_path / 'data'
+    images, labels = debian_fashion_mnist(src)
     quickstart.fashion_mnist_from_debian(str(root), src=str(src))
     test_set = torchvision.datasets.FashionMNIST(str(root), train=False, download=False)
     assert len(test_set) == 5 and np.array_equal(np.asarray(test_set[0][0]), images[0]) and test_set[0][1] == labels[0]
+
+
+def test_quickstart_finds_or_fetches_fashion_mnist_in_order(tmp_path, monkeypatch, capsys):
+    """The quick start's sources, first that works: already in --data_dir; Debian's files if installed;
+    torchvision's download; Debian's package fetched by apt-get download and unpacked by dpkg-deb -x, without root
+    (a stand-in apt-get on PATH that builds a real .deb; dpkg-deb is the real one where it exists); else one line
+    naming the command. No network: the download is a stand-in too."""
+    downloads, fake_bin, real_dpkg, path = [], tmp_path / 'bin', shutil.which('dpkg-deb'), os.environ['PATH']
+    fashion_mnist_set = torchvision.datasets.FashionMNIST  # (quickstart.datasets is torchvision's module)
+
+    def download(root, train, download):  # torchvision's, offline
+        downloads.append(train)
+        raise RuntimeError('Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3] no network>')
+    monkeypatch.setattr(quickstart.datasets, 'FashionMNIST', download)
+    monkeypatch.setattr(quickstart, 'DEBIAN', str(tmp_path / 'not_installed'))
+    raw = lambda root: [os.path.exists(os.path.join(root, 'FashionMNIST', 'raw', n)) for n in quickstart.FILES]  # noqa
+    with pytest.raises(SystemExit, match="sudo apt-get install dataset-fashion-mnist"):  # no apt-get on PATH
+        monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+        quickstart.fashion_mnist(str(tmp_path / 'none'))
+    assert downloads == [True]
+    if real_dpkg is None:
+        pytest.skip('dpkg-deb is not on this machine')
+    package = tmp_path / 'package'
+    debian_fashion_mnist(package / 'usr' / 'share' / 'datasets' / 'fashion-mnist')
+    os.makedirs(package / 'DEBIAN')
+    (package / 'DEBIAN' / 'control').write_text('Package: dataset-fashion-mnist\nVersion: 1\nArchitecture: all\n'
+                                                'Maintainer: test\nDescription: test\n')
+    os.makedirs(fake_bin)
+    (fake_bin / 'apt-get').write_text(f'#!/bin/sh\n[ "$1 $2" = "download dataset-fashion-mnist" ] && exec {real_dpkg} '
+                                      f'--build {package} dataset-fashion-mnist_1_all.deb >/dev/null\nexit 1\n')
+    (fake_bin / 'apt-get').chmod(0o755)
+    monkeypatch.setenv('PATH', f'{fake_bin}:{path}')  # the stand-in apt-get first
+    quickstart.fashion_mnist(str(tmp_path / 'fetched'))
+    assert all(raw(str(tmp_path / 'fetched'))) and 'fetching Debian' in capsys.readouterr().out
+    assert fashion_mnist_set(str(tmp_path / 'fetched'), train=False).data.shape == (5, 28, 28)
+    monkeypatch.setattr(quickstart.datasets, 'FashionMNIST', lambda root, train, download: downloads.append(root))
+    downloads.clear()
+    quickstart.fashion_mnist(str(tmp_path / 'downloaded'))  # torchvision's download, when it works
+    assert downloads == [str(tmp_path / 'downloaded')] * 2
+    debian_fashion_mnist(tmp_path / 'installed')
+    monkeypatch.setattr(quickstart, 'DEBIAN', str(tmp_path / 'installed'))
+    downloads.clear()
+    quickstart.fashion_mnist(str(tmp_path / 'from_debian'))  # installed: before any download
+    assert all(raw(str(tmp_path / 'from_debian'))) and downloads == []
+    monkeypatch.setattr(quickstart, 'DEBIAN', str(tmp_path / 'not_installed'))
+    quickstart.fashion_mnist(str(tmp_path / 'from_debian'))  # already there: nothing else is tried
+    assert downloads == []
 
 
 # ---------------------------------------------------------------- bench.py
@@ -914,33 +967,53 @@ def test_bench_prints_every_column(tiny_data, tmp_path, capsys, monkeypatch):
 def test_teacher_menu_rows_pareto_oom_and_plot(tmp_path, monkeypatch, capsys):
     """bench.py --teachers on tiny teachers: a row each, with exactly the issue's keys; top1 from timm's table for
     a listed teacher (untagged: timm's default tag) and None for another; a teacher that runs out of memory gets
-    a row that says so, and the menu goes on; the plot reads back as a PNG."""
+    a row that says so, as does one that fails otherwise (its error's first line), and the menu goes on; the plot
+    reads back as a PNG."""
     import bench
     real_prepare = bench.prepare_teacher
 
-    def prepare(model, *args, **kwargs):  # a fake memory probe: this teacher does not fit
+    def prepare(model, *args, **kwargs):  # a fake memory probe: this teacher does not fit; that one cannot run
         if type(model).__name__ == 'EfficientNet':
             raise torch.OutOfMemoryError('CUDA out of memory (fake)')
+        if type(model).__name__ == 'ConvNeXt':
+            raise AssertionError('Input height (32) does not match model (224).\nsecond line')
         return real_prepare(model, *args, **kwargs)
     monkeypatch.setattr(bench, 'prepare_teacher', prepare)
     monkeypatch.setitem(bench.TOP1, 'test_resnet.r160_in1k', 70.0)
     out, picture = str(tmp_path / 'menu.json'), str(tmp_path / 'menu.png')
-    rows = bench.main(['--model', 'resnet50', '--teachers', 'test_resnet,test_vit,test_efficientnet', '--img_size',
+    rows = bench.main(['--model', 'resnet50', '--teachers', 'test_resnet,test_vit,test_efficientnet,test_convnext',
+                       '--img_size',
                        '32', '--batch_size', '4', '--num_classes', '10', '--device', 'cpu', '--steps', '1',
                        '--json', out, '--plot', picture])
     printed = capsys.readouterr().out
     with open(out) as f:
         assert json.load(f) == rows
     assert [set(r) for r in rows] == [{'teacher', 'teacher_img_s', 'train_kd_img_s', 'kd_overhead', 'params_m',
-                                       'top1', 'pareto'}] * 3
+                                       'top1', 'pareto'}] * 4
     by_name = {r['teacher']: r for r in rows}
     assert by_name['test_resnet']['top1'] == 70.0 and by_name['test_vit']['top1'] is None
     assert by_name['test_resnet']['train_kd_img_s'] > 0 and by_name['test_resnet']['params_m'] > 0
     assert by_name['test_efficientnet']['train_kd_img_s'] is None and 'out of memory at batch 4' in printed
+    assert by_name['test_convnext']['train_kd_img_s'] is None
+    assert '| fails: Input height (32) does not match model (224). |' in printed  # its first line, and the menu went on
     assert "teacher must beat the student: resnet50's ImageNet top-1 is 80.382" in printed
     assert rows[0]['train_kd_img_s'] >= rows[1]['train_kd_img_s']  # sorted by the KD step's speed
     with open(picture, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_img_per_sec_median_ignores_a_stolen_call(monkeypatch):
+    """On a shared CPU host one call can lose its time slice: the median call's rate ignores it, the mean's not."""
+    import bench
+    clock = [0.0]
+    calls = iter([0.1] * 8 + [0.1, 0.1, 1.0, 0.1, 0.1])  # 8 warm-up calls, then 5 timed: one stolen
+    monkeypatch.setattr(bench.time, 'perf_counter', lambda: clock[0])
+
+    def fn():
+        clock[0] += next(calls)
+    assert bench.img_per_sec(fn, 10, 5, torch.device('cpu'), warmup=8, median=True) == pytest.approx(100)
+    calls = iter([0.1] * 8 + [0.1, 0.1, 1.0, 0.1, 0.1])
+    assert bench.img_per_sec(fn, 10, 5, torch.device('cpu'), warmup=8) == pytest.approx(50 / 1.4)
 
 
 def test_pareto_flags_on_hand_made_rows():
@@ -1899,6 +1972,28 @@ def test_flat_imagenet_val_is_sorted_by_the_readme_command(tiny_data, tmp_path):
     assert sorted(os.listdir(data / 'val')) == sorted(set(labels))
     assert (sorted(os.listdir(data / 'val' / 'disc'))
             == [f'val_{i:05d}.png' for i, c in enumerate(labels) if c == 'disc'])
+
+
+def test_every_link_in_the_docs_points_to_a_file_that_exists():
+    """Each relative link of README.md, CONTRIBUTING.md and docs/*.md (markdown links and images) names a file
+    or folder of the repository, and each #anchor a heading of the file it points to."""
+    pages = ['README.md', 'CONTRIBUTING.md'] + [os.path.join('docs', f) for f in os.listdir(os.path.join(HERE, 'docs'))
+                                                if f.endswith('.md')]
+    checked = 0
+    for page in pages:
+        text = re.sub(r'```.*?```', '', open(os.path.join(HERE, page)).read(), flags=re.S)
+        for target in re.findall(r'\]\(([^)\s]+)\)', text):
+            if re.match(r'[a-z]+://', target):
+                continue
+            path, _, anchor = target.partition('#')
+            full = os.path.normpath(os.path.join(HERE, os.path.dirname(page), path or os.path.basename(page)))
+            assert os.path.exists(full), f"{page}: link to {target}, which does not exist"
+            if anchor:
+                headings = [re.sub(r'[^a-z0-9 -]', '', h.lower()).replace(' ', '-')
+                            for h in re.findall(r'^#+ (.*)$', open(full).read(), flags=re.M)]
+                assert anchor in headings, f"{page}: link to {target}, a heading {path or page} lacks"
+            checked += 1
+    assert checked >= 10
 
 
 def test_auto_batch_is_capped_at_the_papers_largest(tmp_path):

@@ -129,8 +129,8 @@ def make_datasets(cfg, mean, std):
             train_set, val_set = (builder(cfg.data_dir, train=split, transform=tf, download=True)
                                   for split, tf in ((True, train_tf), (False, val_tf)))
         except Exception as e:
-            raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} (offline, quickstart.py unpacks "
-                       f"Debian's dataset-fashion-mnist): {str(e).splitlines()[0]}")
+            raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} ({str(e).splitlines()[0]}); "
+                       f"python quickstart.py finds or fetches Fashion-MNIST, also offline")
     else:
         loader = read_file if cfg.data_pipeline == 'device' else datasets.folder.default_loader
         splits = {'val': val_tf} if cfg.eval_checkpoint else {'train': train_tf, 'val': val_tf}  # eval: val/ alone
