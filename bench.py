@@ -18,7 +18,7 @@ import time
 
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD  # synthetic data: any will do
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
@@ -42,6 +42,13 @@ MENU = ['resnet101.a1h_in1k', 'levit_384.fb_dist_in1k', 'deit3_small_patch16_224
         'volo_d1_224', 'convnext_tiny.in12k_ft_in1k', 'efficientvit_l2.r224_in1k',
         'vit_base_patch16_224.augreg2_in21k_ft_in1k', 'convnext_base.fb_in22k_ft_in1k',
         'convnextv2_base.fcmae_ft_in22k_in1k']
+COLUMNS = ['model', 'teacher', 'device', 'batch_size', 'img_size', 'infer_img_s', 'train_img_s', 'train_kd_img_s',
+           'kd_overhead', 'kd_ideal_img_s', 'kd_efficiency', 'teacher_plain_img_s', 'teacher_prepared_img_s',
+           'max_batch', 'max_batch_kd', 'recommended_batch']
+DATA_COLUMNS = ['data_workers', 'data_workers_img_s', 'data_device_img_s', 'bound_by', 'data_device_ops',
+                'e2e_pipeline', 'train_e2e_img_s', 'train_kd_e2e_img_s']
+MENU_COLUMNS = ['teacher', 'top1', 'params_m', 'teacher_img_s', 'train_kd_img_s', 'kd_overhead', 'pareto']
+FORMATS = {'top1': '{:.2f}', 'params_m': '{:.1f}', 'kd_overhead': '{:.1%}', 'kd_efficiency': '{:.3f}'}
 
 
 def get_args(argv=None):
@@ -66,8 +73,9 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda, but no CUDA device is available')
+    args.models = args.models.split(',') if args.models else [args.model]
     args.teachers = [t for name in args.teachers.split(',') if name for t in (MENU if name == 'menu' else [name])]
-    for name in (args.models.split(',') if args.models else [args.model]) + [args.teacher] + args.teachers:
+    for name in args.models + [args.teacher] + args.teachers:
         if name != 'none' and not timm.is_model(name):
             parser.error(f"unknown model '{name}' (not in timm.list_models())")
     if args.batch_size not in ('', 'auto') and not (args.batch_size.isdigit() and int(args.batch_size) > 1):
@@ -101,8 +109,7 @@ def img_per_sec(fn, batch, steps, device, warmup=None, median=False):
 def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, autocast, batches=None):
     """A closure running train.py's train_step once, as train.py sets it up: on a fixed synthetic batch, or on the
     next of `batches` (train.py's data path, prepared by its helper thread while the step runs)."""
-    on_cuda = device.type == 'cuda'
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
     model = timm.create_model(name, num_classes=num_classes).to(device, memory_format=memory_format).train()
     optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=10 ** 9)
     step_model = torch.compile(model) if compile else model
@@ -122,31 +129,33 @@ def teacher_variants(name, args, device):
     """The teacher at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last, bf16
     and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults."""
     base = timm.create_model(name, num_classes=args.num_classes).eval()
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # synthetic data: any normalization will do
-    variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
     stages = [('bn_folded', {}), ('channels_last', {'channels_last': True})]
-    stages += [('bf16', {'bf16': True})] if has_fast_bf16(device) else []
-    stages += [('compiled', {'compile': True})] if args.compile else []
-    for stage, change in stages:
-        options.update(change)
-        variants[stage] = prepare_teacher(copy.deepcopy(base), mean, std, device, **options)
-    variants['prepared'] = prepare_teacher(copy.deepcopy(base), mean, std, device, compile=args.compile)
+    stages += [('bf16', {'bf16': True})] * has_fast_bf16(device) + [('compiled', {'compile': True})] * args.compile
+    variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
+    for stage, change in stages + [('prepared', None)]:
+        options = options | change if change is not None else dict(compile=args.compile)
+        variants[stage] = prepare_teacher(copy.deepcopy(base), MEAN, STD, device, **options)
     return variants
 
 
-def train_batches(args, cfg, batch, device, pipeline, epochs=1):
-    """train.py's data path: its loader (--workers) and device_batches, for `epochs` epochs."""
-    cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': pipeline})
-    loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch, cfg, 0)
-    augment = train.Augment(cfg.img_size, True, IMAGENET_DEFAULT_MEAN) if pipeline == 'device' else None
-    for _ in range(epochs):
-        yield from train.device_batches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, augment=augment)
+def first_loader(cfg, batch, pipeline, **change):
+    """train.py's training loader for --data_pipeline `pipeline`."""
+    cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': pipeline} | change)
+    return train.make_loader(train.make_datasets(cfg, MEAN, STD)[0], batch, cfg, 0), cfg
+
+
+def train_batches(cfg, batch, device, pipeline):
+    """train.py's data path, its loader (--workers) and device_batches, epoch after epoch."""
+    loader, cfg = first_loader(cfg, batch, pipeline)
+    augment = train.Augment(cfg.img_size, True, MEAN) if pipeline == 'device' else None
+    while True:
+        yield from train.device_batches(loader, device, MEAN, STD, augment=augment)
 
 
 def data_pipeline_img_s(args, cfg, batch, device, pipeline):
     """img/s of train.py's data path alone, in steady state (after the workers' prefetched batches, 2 each).
     workers: PIL decodes and augments in the workers; device: they read bytes and draw, the device does the rest."""
-    batches = train_batches(args, cfg, batch, device, pipeline, epochs=10 ** 6)
+    batches = train_batches(cfg, batch, device, pipeline)
     for _ in range(2 * max(1, args.workers) + 1):  # what the workers prefetched
         next(batches)
     sync(device)
@@ -167,14 +176,12 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def device_ops_per_batch(args, cfg, batch):
+def device_ops_per_batch(cfg, batch):
     """The device side of one training batch of --data_pipeline device (Augment), counted on the CPU."""
-    cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': 'device'})
-    loader = train.make_loader(train.make_datasets(cfg, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0], batch,
-                               argparse.Namespace(**vars(cfg) | {'workers': 0}), 0)
+    loader, cfg = first_loader(cfg, batch, 'device', workers=0)
     images, labels, _ = next(iter(loader))
     with CountOps() as count:
-        train.Augment(cfg.img_size, True, IMAGENET_DEFAULT_MEAN)(images, labels, torch.device('cpu'))
+        train.Augment(cfg.img_size, True, MEAN)(images, labels, torch.device('cpu'))
     return count.ops
 
 
@@ -209,47 +216,33 @@ def teacher_menu(args, cfg, device, autocast):
                               median=on_cpu)
     step = functools.partial(make_train_step, args.model, cfg=cfg, batch=batch, device=device, compile=args.compile,
                              num_classes=args.num_classes, autocast=autocast)
-    plain = timed(step(None))
-    rows = []
+    plain, rows = timed(step(None)), []
     for name in args.teachers:
-        row = dict(teacher=name, teacher_img_s=None, train_kd_img_s=None, kd_overhead=None, params_m=None,
-                   top1=TOP1.get(tagged(name)), pareto=None)
+        row = dict.fromkeys(MENU_COLUMNS) | dict(teacher=name, top1=TOP1.get(tagged(name)), note='')
 
         def measure():
-            teacher = prepare_teacher(create(name, args), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, device,
-                                      compile=args.compile)
+            teacher = prepare_teacher(create(name, args), MEAN, STD, device, compile=args.compile)
             row['params_m'] = sum(p.numel() for p in teacher.parameters()) / 1e6
             row['teacher_img_s'] = timed(make_inference(teacher, batch, args.img_size, device))
             row['train_kd_img_s'] = timed(step(teacher))
         try:  # fits_in_memory releases the memory either way
-            fits = fits_in_memory(measure)
+            row['note'] = '' if fits_in_memory(measure) else f"out of memory at batch {batch}"
         except Exception as e:  # e.g. a transformer that cannot take this --img_size
-            fits, row['note'] = False, f"fails: {str(e).splitlines()[0][:80]}"
-        if not fits:
+            row['note'] = f"fails: {str(e).splitlines()[0][:80]}"
+        if row['note']:
             row.update(teacher_img_s=None, train_kd_img_s=None, params_m=None)
-            row.setdefault('note', f"out of memory at batch {batch}")
         row['kd_overhead'] = row['train_kd_img_s'] and 1 - row['train_kd_img_s'] / plain
         rows.append(row)
         gc.collect()
     for row, flag in zip(rows, pareto(rows)):
         row['pareto'] = flag
     rows.sort(key=lambda r: -(r['train_kd_img_s'] or 0))
-    where = torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
-    print(f"teacher menu for {args.model} at {args.img_size} px, batch {batch}, on {where}, "
+    print(f"teacher menu for {args.model} at {args.img_size} px, batch {batch}, on {device_name(device)}, "
           f"{'compiled' if args.compile else 'not compiled'}; its plain step {plain:.0f} img/s")
-    print('| teacher | top1 | params_m | teacher_img_s | train_kd_img_s | kd_overhead | pareto |\n|' + '---|' * 7)
-    for r in rows:
-        figures = ([r['note']] * 3 if 'note' in r else
-                   [fmt('', r['teacher_img_s']), fmt('', r['train_kd_img_s']), fmt('kd_overhead', r['kd_overhead'])])
-        print(f"| {r['teacher']} | {fmt('top1', r['top1'])} | {fmt('params_m', r['params_m'])} | " +
-              ' | '.join(figures) + f" | {fmt('', r['pareto'])} |")
+    print_table(rows, MENU_COLUMNS + ['note'])
     if TOP1.get(tagged(args.model)) is not None:
         print(f"teacher must beat the student: {args.model}'s ImageNet top-1 is {TOP1[tagged(args.model)]}")
-    rows = [{k: r[k] for k in ('teacher', 'teacher_img_s', 'train_kd_img_s', 'kd_overhead', 'params_m', 'top1',
-                               'pareto')} for r in rows]
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=1)
+    rows = [{k: r[k] for k in MENU_COLUMNS} for r in rows]
     if args.plot:
         plot_menu(rows, args)
     return rows
@@ -262,7 +255,7 @@ def plot_menu(rows, args):
         import matplotlib.pyplot as plt
     except ImportError:
         return print(f"--plot {args.plot}: needs matplotlib (pip install matplotlib)")
-    known = [r for r in rows if r['top1'] is not None and r['train_kd_img_s'] is not None]
+    known = [r for r in rows if r['pareto'] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([r['train_kd_img_s'] for r in known], [r['top1'] for r in known])
     for r in known:
@@ -277,6 +270,49 @@ def plot_menu(rows, args):
     print(f"wrote {args.plot}")
 
 
+def bench_student(name, variants, teacher_speeds, args, cfg, device, autocast):
+    """One student's row: largest batch (CUDA), inference, its training step with and without KD, the data path."""
+    on_cuda, teacher = device.type == 'cuda', variants.get('prepared')
+    batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if on_cuda else 32)
+    row = dict.fromkeys(COLUMNS) | dict(model=name, teacher=args.teacher, device=device_name(device),
+                                        img_size=args.img_size)
+    if on_cuda:  # largest batch that fits: doubling, then bisection, on out-of-memory (as train.py's auto)
+        model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
+        for key, kd_teacher in [('max_batch', None)] + ([('max_batch_kd', teacher)] if teacher else []):
+            row[key] = find_max_batch(lambda b: fits_in_memory(
+                lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device, autocast)))
+        del model
+        row['recommended_batch'] = usable_batch(row['max_batch_kd'] or row['max_batch'])
+        batch = row['recommended_batch'] if args.batch_size == 'auto' else batch
+    row['batch_size'] = batch
+    timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device)
+    train_step = functools.partial(make_train_step, name, cfg=cfg, batch=batch, device=device, compile=args.compile,
+                                   num_classes=args.num_classes, autocast=autocast)
+    student = prepare_teacher(timm.create_model(name, num_classes=args.num_classes), MEAN, STD, device,
+                              compile=args.compile)
+    row['infer_img_s'] = timed(make_inference(student, batch, args.img_size, device))
+    row['train_img_s'] = timed(train_step(None))
+    if teacher is not None:  # the teacher's speeds depend on the batch only: measured once per batch
+        if batch not in teacher_speeds:
+            teacher_speeds[batch] = {stage: timed(make_inference(m, batch, args.img_size, device))
+                                     for stage, m in variants.items()}
+        speeds = row['teacher_steps_img_s'] = teacher_speeds[batch]
+        kd = timed(train_step(teacher))
+        ideal = 1 / (1 / row['train_img_s'] + 1 / speeds['prepared'])  # KD if the teacher cost only its forward pass
+        row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'], train_kd_img_s=kd,
+                   kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal, kd_efficiency=kd / ideal)
+    if args.data:  # both pipelines alone, each with --workers data workers; then one feeding the steps
+        data = {p: data_pipeline_img_s(args, cfg, batch, device, p) for p in ('workers', 'device')}
+        slower = max(data.values()) < (row['train_kd_img_s'] or row['train_img_s'])  # than the step, both
+        row.update(data_workers=args.workers, data_workers_img_s=data['workers'], data_device_img_s=data['device'],
+                   bound_by='data' if slower else 'compute', data_device_ops=device_ops_per_batch(cfg, batch),
+                   e2e_pipeline=args.data_pipeline, train_kd_e2e_img_s=None)
+        for key, kd_teacher in [('train_e2e_img_s', None)] + ([('train_kd_e2e_img_s', teacher)] if teacher else []):
+            batches = train_batches(cfg, batch, device, args.data_pipeline)
+            row[key] = timed(train_step(kd_teacher, batches=batches), warmup=2 * max(1, args.workers) + 1)
+    return row
+
+
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
@@ -286,81 +322,34 @@ def main(argv=None):
     cfg = train.get_config(['--data', args.data or 'synthetic', '--img_size', str(args.img_size),
                             '--workers', str(args.workers)])
     if args.teachers:
-        return teacher_menu(args, cfg, device, autocast)
-    variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
-    teacher = variants.get('prepared')
-    results, teacher_speeds = [], {}  # the teacher's speeds depend on the batch only: measured once per batch
-    for name in args.models.split(',') if args.models else [args.model]:
-        batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if on_cuda else 32)
-        row = dict(model=name, teacher=args.teacher, device=torch.cuda.get_device_name() if on_cuda else 'cpu',
-                   img_size=args.img_size, max_batch=None, max_batch_kd=None, recommended_batch=None)
-        if on_cuda:  # largest batch that fits: doubling, then bisection, on out-of-memory (as train.py's auto)
-            model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
-            for key, kd_teacher in [('max_batch', None)] + ([('max_batch_kd', teacher)] if teacher else []):
-                row[key] = find_max_batch(lambda b: fits_in_memory(
-                    lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device, autocast)))
-            del model
-            row['recommended_batch'] = usable_batch(row['max_batch_kd'] or row['max_batch'])
-            batch = row['recommended_batch'] if args.batch_size == 'auto' else batch
-        row['batch_size'] = batch
-        timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device)
-        train_step = functools.partial(make_train_step, name, cfg=cfg, batch=batch, device=device, compile=args.compile,
-                                       num_classes=args.num_classes, autocast=autocast)
-        if teacher is not None:
-            if batch not in teacher_speeds:
-                teacher_speeds[batch] = {stage: timed(make_inference(m, batch, args.img_size, device))
-                                         for stage, m in variants.items()}
-            speeds = row['teacher_steps_img_s'] = teacher_speeds[batch]
-            row.update(teacher_plain_img_s=speeds['plain'], teacher_prepared_img_s=speeds['prepared'])
-        student = timm.create_model(name, num_classes=args.num_classes)
-        student = prepare_teacher(student, (0.5,) * 3, (0.5,) * 3, device, compile=args.compile)
-        row['infer_img_s'] = timed(make_inference(student, batch, args.img_size, device))
-        row['train_img_s'] = timed(train_step(None))
-        row.update(train_kd_img_s=None, kd_overhead=None, kd_ideal_img_s=None, kd_efficiency=None)
-        if teacher is not None:
-            kd = timed(train_step(teacher))
-            # if the teacher cost only its prepared forward pass, KD would run at this speed
-            ideal = 1 / (1 / row['train_img_s'] + 1 / row['teacher_prepared_img_s'])
-            row.update(train_kd_img_s=kd, kd_overhead=1 - kd / row['train_img_s'], kd_ideal_img_s=ideal,
-                       kd_efficiency=kd / ideal)
-        if args.data:  # both pipelines alone, each with --workers data workers; then one feeding the steps
-            data = {p: data_pipeline_img_s(args, cfg, batch, device, p) for p in ('workers', 'device')}
-            slower = max(data.values()) < (row['train_kd_img_s'] or row['train_img_s'])  # than the step, both
-            row.update(data_workers=args.workers, data_workers_img_s=data['workers'], data_device_img_s=data['device'],
-                       bound_by='data' if slower else 'compute', data_device_ops=device_ops_per_batch(args, cfg, batch),
-                       e2e_pipeline=args.data_pipeline, train_kd_e2e_img_s=None)
-            for key, kd_teacher in [('train_e2e_img_s', None)] + ([('train_kd_e2e_img_s', teacher)] if teacher else []):
-                batches = train_batches(args, cfg, batch, device, args.data_pipeline, epochs=10 ** 6)
-                row[key] = timed(train_step(kd_teacher, batches=batches), warmup=2 * max(1, args.workers) + 1)
-        results.append(row)
-    print_table(results)
-    for batch, speeds in teacher_speeds.items():
-        print(f"teacher {args.teacher} at batch {batch}, img/s by preparation step (cumulative): " +
-              ', '.join(f"{k} {v:.0f} ({v / speeds['plain']:.2f}x)" for k, v in speeds.items()))
+        results = teacher_menu(args, cfg, device, autocast)
+    else:
+        variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
+        teacher_speeds = {}
+        results = [bench_student(name, variants, teacher_speeds, args, cfg, device, autocast) for name in args.models]
+        print_table(results, COLUMNS + (DATA_COLUMNS if args.data else []))
+        for batch, speeds in teacher_speeds.items():
+            print(f"teacher {args.teacher} at batch {batch}, img/s by preparation step (cumulative): " +
+                  ', '.join(f"{k} {v:.0f} ({v / speeds['plain']:.2f}x)" for k, v in speeds.items()))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1)
     return results
 
 
+def device_name(device):
+    return torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'
+
+
 def fmt(column, value):
-    if column in ('params_m', 'top1') and value is not None:
-        return f'{value:.1f}' if column == 'params_m' else f'{value:.2f}'
-    if value is None or column in ('kd_overhead', 'kd_efficiency'):
-        return 'n/a' if value is None else f'{value:.1%}' if column == 'kd_overhead' else f'{value:.3f}'
-    return f'{value:.0f}' if isinstance(value, float) else str(value)
+    if value is None:
+        return 'n/a'
+    return FORMATS.get(column, '{:.0f}' if isinstance(value, float) else '{}').format(value)
 
 
-def print_table(results):
-    columns = ['model', 'teacher', 'device', 'batch_size', 'img_size', 'infer_img_s', 'train_img_s', 'train_kd_img_s',
-               'kd_overhead', 'kd_ideal_img_s', 'kd_efficiency', 'teacher_plain_img_s', 'teacher_prepared_img_s',
-               'max_batch', 'max_batch_kd', 'recommended_batch']
-    if any('data_device_img_s' in r for r in results):
-        columns += ['data_workers', 'data_workers_img_s', 'data_device_img_s', 'bound_by', 'data_device_ops',
-                    'e2e_pipeline', 'train_e2e_img_s', 'train_kd_e2e_img_s']
-    print('| ' + ' | '.join(columns) + ' |')
-    print('|' + '---|' * len(columns))
-    for row in results:
+def print_table(rows, columns):
+    print('| ' + ' | '.join(columns) + ' |\n|' + '---|' * len(columns))
+    for row in rows:
         print('| ' + ' | '.join(fmt(c, row.get(c)) for c in columns) + ' |')
 
 
