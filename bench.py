@@ -129,16 +129,18 @@ def teacher_variants(name, args, device):
     """The teacher at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last, bf16
     and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults."""
     base = timm.create_model(name, num_classes=args.num_classes).eval()
-    stages = [('bn_folded', {}), ('channels_last', {'channels_last': True})]
-    stages += [('bf16', {'bf16': True})] * has_fast_bf16(device) + [('compiled', {'compile': True})] * args.compile
     variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
-    for stage, change in stages + [('prepared', None)]:
-        options = options | change if change is not None else dict(compile=args.compile)
+    stages = [('bn_folded', {}), ('channels_last', {'channels_last': True})]
+    stages += [('bf16', {'bf16': True})] if has_fast_bf16(device) else []
+    stages += [('compiled', {'compile': True})] if args.compile else []
+    for stage, change in stages:
+        options.update(change)
         variants[stage] = prepare_teacher(copy.deepcopy(base), MEAN, STD, device, **options)
+    variants['prepared'] = prepare_teacher(copy.deepcopy(base), MEAN, STD, device, compile=args.compile)
     return variants
 
 
-def first_loader(cfg, batch, pipeline, **change):
+def train_loader(cfg, batch, pipeline, **change):
     """train.py's training loader for --data_pipeline `pipeline`."""
     cfg = argparse.Namespace(**vars(cfg) | {'data_pipeline': pipeline} | change)
     return train.make_loader(train.make_datasets(cfg, MEAN, STD)[0], batch, cfg, 0), cfg
@@ -146,7 +148,7 @@ def first_loader(cfg, batch, pipeline, **change):
 
 def train_batches(cfg, batch, device, pipeline):
     """train.py's data path, its loader (--workers) and device_batches, epoch after epoch."""
-    loader, cfg = first_loader(cfg, batch, pipeline)
+    loader, cfg = train_loader(cfg, batch, pipeline)
     augment = train.Augment(cfg.img_size, True, MEAN) if pipeline == 'device' else None
     while True:
         yield from train.device_batches(loader, device, MEAN, STD, augment=augment)
@@ -178,7 +180,7 @@ class CountOps(TorchDispatchMode):
 
 def device_ops_per_batch(cfg, batch):
     """The device side of one training batch of --data_pipeline device (Augment), counted on the CPU."""
-    loader, cfg = first_loader(cfg, batch, 'device', workers=0)
+    loader, cfg = train_loader(cfg, batch, 'device', workers=0)
     images, labels, _ = next(iter(loader))
     with CountOps() as count:
         train.Augment(cfg.img_size, True, MEAN)(images, labels, torch.device('cpu'))
