@@ -31,6 +31,7 @@ kd_runs() {  # kd_runs SEED: every run that needs the 40-epoch teacher, for one 
   for t in 2 5; do run tau_${t}_s$s $STUDENT $TEACHER --seed $s --kd_tau $t; done          # Table 7
   run r10t_kd_s$s --model resnet10t $TEACHER --seed $s                                    # Table 2
   run xcit_kd_s$s --model xcit_nano_12_p8_224 $TEACHER --seed $s
+  run resmlp_kd_s$s --model resmlp_12_224 $TEACHER --seed $s                              # an MLP
 }
 
 if [ "$2" != summary ]; then
@@ -45,6 +46,7 @@ if [ "$2" != summary ]; then
       run alpha_0_s$s $STUDENT --teacher none --seed $s             # Table 6: alpha_kd 0 is no KD at all
       run r10t_nokd_s$s --model resnet10t --teacher none --seed $s  # Table 2: a small CNN ...
       run xcit_nokd_s$s --model xcit_nano_12_p8_224 --teacher none --seed $s  # ... and a vision transformer
+      run resmlp_nokd_s$s --model resmlp_12_224 --teacher none --seed $s      # ... and an MLP
     done
     for s in 0 1; do for x in 2 4; do  # Table 5 without KD: does KD gain more from long training?
       run patient_nokd_${x}x_s$s $STUDENT --teacher none --seed $s --epochs $((10 * x))
@@ -108,7 +110,8 @@ for title, rows in tables.items():
 paired = {
     'Table 2: one recipe, any backbone': [
         ('resnet10t (CNN)', 'r10t_kd', 'r10t_nokd'), ('mobilenetv3_small_100 (mobile)', 'alpha_5', 'alpha_0'),
-        ('xcit_nano_12_p8_224 (transformer)', 'xcit_kd', 'xcit_nokd')],
+        ('xcit_nano_12_p8_224 (transformer)', 'xcit_kd', 'xcit_nokd'),
+        ('resmlp_12_224 (MLP)', 'resmlp_kd', 'resmlp_nokd')],
     'Table 5: patient teacher, mobilenetv3_small_100': [
         ('1x (10 epochs)', 'alpha_5', 'alpha_0'), ('2x (20 epochs)', 'patient_2x', 'patient_nokd_2x'),
         ('4x (40 epochs)', 'patient_4x', 'patient_nokd_4x')]}

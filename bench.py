@@ -7,6 +7,7 @@ synchronized. The training step is train.py's own `train_step`, imported, not co
     python bench.py --model resnet18 --teacher resnet50 --img_size 64 --device cpu
     python bench.py --models resnet50,tresnet_m --batch_size auto --data /path/to/imagenet  # + both data paths
     python bench.py --model resnet50 --teachers menu --plot teachers.png    # which teacher: top-1 against its cost
+    python bench.py --models table2 --img_size 64 --steps 3                 # the paper's Table 2 backbones
 """
 import argparse
 import copy
@@ -22,7 +23,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from distill import has_fast_bf16, prepare_teacher
+from distill import create_model, has_fast_bf16, prepare_teacher
 from resilience import find_max_batch, fits_in_memory, usable_batch
 
 # ImageNet-1k top-1 at 224 px of pretrained timm models, from timm's results/results-imagenet.csv (commit aa4b5850)
@@ -42,11 +43,18 @@ MENU = ['resnet101.a1h_in1k', 'levit_384.fb_dist_in1k', 'deit3_small_patch16_224
         'volo_d1_224', 'convnext_tiny.in12k_ft_in1k', 'efficientvit_l2.r224_in1k',
         'vit_base_patch16_224.augreg2_in21k_ft_in1k', 'convnext_base.fb_in22k_ft_in1k',
         'convnextv2_base.fcmae_ft_in22k_in1k']
+# The paper's Table 2 by timm name and family: one recipe for every one (OFA-595m is not in timm)
+TABLE2 = {'resnet50': 'CNN', 'tresnet_m': 'CNN', 'convnext_small': 'CNN', 'regnety_032': 'CNN',
+          'vit_small_patch16_224': 'transformer', 'levit_384': 'transformer',
+          'swin_small_patch4_window7_224': 'transformer', 'tnt_s_patch16_224': 'transformer',
+          'efficientnet_b0': 'mobile', 'mobilenetv3_large_100': 'mobile',
+          'mixer_b16_224': 'MLP', 'resmlp_12_224': 'MLP'}
 COLUMNS = ['model', 'teacher', 'device', 'batch_size', 'img_size', 'infer_img_s', 'train_img_s', 'train_kd_img_s',
            'kd_overhead', 'kd_ideal_img_s', 'kd_efficiency', 'teacher_plain_img_s', 'teacher_prepared_img_s',
            'max_batch', 'max_batch_kd', 'recommended_batch']
 DATA_COLUMNS = ['data_workers', 'data_workers_img_s', 'data_device_img_s', 'bound_by', 'data_device_ops',
                 'e2e_pipeline', 'train_e2e_img_s', 'train_kd_e2e_img_s']
+TABLE2_COLUMNS = ['model', 'family', 'params_m', 'train_img_s', 'train_kd_img_s', 'kd_overhead']
 MENU_COLUMNS = ['teacher', 'top1', 'params_m', 'teacher_img_s', 'train_kd_img_s', 'kd_overhead', 'pareto']
 FORMATS = {'top1': '{:.2f}', 'params_m': '{:.1f}', 'kd_overhead': '{:.1%}', 'kd_efficiency': '{:.3f}'}
 
@@ -55,7 +63,9 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description='USI throughput benchmark')
     parser.error = lambda msg: parser.exit(2, f"bench.py: error: {msg}\n")
     parser.add_argument('--model', default='resnet50', help='student, any timm name')
-    parser.add_argument('--models', default='', help='several students, comma separated (overrides --model)')
+    parser.add_argument('--models', default='',
+                        help="several students, comma separated (overrides --model); 'table2': the paper's Table 2, "
+                             "one train and one KD step each, in one table")
     parser.add_argument('--teacher', default=train.TEACHER, help="teacher timm name, or 'none'")
     parser.add_argument('--batch_size', default='', help="per-device batch, or 'auto' (largest that fits x 0.85)")
     parser.add_argument('--img_size', type=int, default=train.IMG_SIZE)
@@ -73,7 +83,11 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda, but no CUDA device is available')
-    args.models = args.models.split(',') if args.models else [args.model]
+    args.table2 = args.models == 'table2'
+    if args.table2:
+        args.models = list(TABLE2)
+    else:
+        args.models = args.models.split(',') if args.models else [args.model]
     args.teachers = [t for name in args.teachers.split(',') if name for t in (MENU if name == 'menu' else [name])]
     for name in args.models + [args.teacher] + args.teachers:
         if name != 'none' and not timm.is_model(name):
@@ -110,7 +124,7 @@ def make_train_step(name, teacher, cfg, batch, device, compile, num_classes, aut
     """A closure running train.py's train_step once, as train.py sets it up: on a fixed synthetic batch, or on the
     next of `batches` (train.py's data path, prepared by its helper thread while the step runs)."""
     memory_format = torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-    model = timm.create_model(name, num_classes=num_classes).to(device, memory_format=memory_format).train()
+    model = create_model(name, cfg.img_size, num_classes).to(device, memory_format=memory_format).train()
     optimizer, scheduler = train.make_optimizer(model, cfg, total_steps=10 ** 9)
     step_model = torch.compile(model) if compile else model
     mixup_fn = train.make_mixup(cfg, num_classes)
@@ -128,7 +142,7 @@ def make_inference(model, batch, img_size, device):
 def teacher_variants(name, args, device):
     """The teacher at each step of its preparation, cumulative: plain eval mode, BN folded, channels-last, bf16
     and compiled, each where the device supports it; 'prepared' is prepare_teacher's defaults."""
-    base = timm.create_model(name, num_classes=args.num_classes).eval()
+    base = create_model(name, args.img_size, args.num_classes).eval()
     variants, options = {'plain': base.to(device)}, dict(channels_last=False, bf16=False, compile=False)
     stages = [('bn_folded', {}), ('channels_last', {'channels_last': True})]
     stages += [('bf16', {'bf16': True})] if has_fast_bf16(device) else []
@@ -193,15 +207,6 @@ def tagged(name):
     return name if '.' in name or not (cfg and cfg.tag) else f'{name}.{cfg.tag}'
 
 
-def create(name, args):  # random weights (throughput needs no trained ones); transformers at --img_size
-    try:
-        model = timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size)
-    except TypeError:
-        model = timm.create_model(name, num_classes=args.num_classes)
-    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, args.img_size, args.img_size))  # BN-fold probe
-    return model
-
-
 def pareto(rows):
     """Per row: no other teacher has both a higher top-1 and a faster KD step (None without both figures)."""
     known = [r for r in rows if r['top1'] is not None and r['train_kd_img_s'] is not None]
@@ -223,7 +228,8 @@ def teacher_menu(args, cfg, device, autocast):
         row = dict.fromkeys(MENU_COLUMNS) | dict(teacher=name, top1=TOP1.get(tagged(name)), note='')
 
         def measure():
-            teacher = prepare_teacher(create(name, args), MEAN, STD, device, compile=args.compile)
+            teacher = prepare_teacher(create_model(name, args.img_size, args.num_classes), MEAN, STD, device,
+                                      compile=args.compile)
             row['params_m'] = sum(p.numel() for p in teacher.parameters()) / 1e6
             row['teacher_img_s'] = timed(make_inference(teacher, batch, args.img_size, device))
             row['train_kd_img_s'] = timed(step(teacher))
@@ -272,6 +278,44 @@ def plot_menu(rows, args):
     print(f"wrote {args.plot}")
 
 
+def table2(args, cfg, device, autocast):
+    """The paper's Table 2 on this machine: each backbone's training step alone and with the teacher (train.py's
+    train_step, at --img_size), one row each; a backbone that fails gets its one-line reason instead of figures."""
+    batch = int(args.batch_size) if args.batch_size.isdigit() else (256 if device.type == 'cuda' else 16)
+    on_cpu = device.type == 'cpu'
+    timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device, warmup=6 if on_cpu else None,
+                              median=on_cpu)
+    teacher = None
+    if args.teacher != 'none':
+        teacher = prepare_teacher(create_model(args.teacher, args.img_size, args.num_classes), MEAN, STD, device,
+                                  compile=args.compile)
+    rows = []
+    for name in args.models:
+        row = dict.fromkeys(TABLE2_COLUMNS) | dict(model=name, family=TABLE2.get(name, ''), note='')
+        step = functools.partial(make_train_step, name, cfg=cfg, batch=batch, device=device, compile=args.compile,
+                                 num_classes=args.num_classes, autocast=autocast)
+
+        def measure():
+            model = create_model(name, args.img_size, args.num_classes)
+            row['params_m'] = sum(p.numel() for p in model.parameters()) / 1e6
+            del model
+            row['train_img_s'] = timed(step(None))
+            if teacher is not None:
+                row['train_kd_img_s'] = timed(step(teacher))
+                row['kd_overhead'] = 1 - row['train_kd_img_s'] / row['train_img_s']
+        try:  # fits_in_memory releases the memory either way
+            if not fits_in_memory(measure):
+                row['note'] = f"out of memory at batch {batch}"
+        except Exception as e:
+            row['note'] = f"fails: {str(e).splitlines()[0][:100]}"
+        rows.append(row)
+        gc.collect()
+    print(f"the paper's Table 2 at {args.img_size} px, batch {batch}, on {device_name(device)}, teacher "
+          f"{args.teacher}, {'compiled' if args.compile else 'not compiled'}")
+    print_table(rows, TABLE2_COLUMNS + ['note'])
+    return rows
+
+
 def bench_student(name, variants, teacher_speeds, args, cfg, device, autocast):
     """One student's row: largest batch (CUDA), inference, its training step with and without KD, the data path."""
     on_cuda, teacher = device.type == 'cuda', variants.get('prepared')
@@ -279,7 +323,7 @@ def bench_student(name, variants, teacher_speeds, args, cfg, device, autocast):
     row = dict.fromkeys(COLUMNS) | dict(model=name, teacher=args.teacher, device=device_name(device),
                                         img_size=args.img_size)
     if on_cuda:  # largest batch that fits: doubling, then bisection, on out-of-memory (as train.py's auto)
-        model = timm.create_model(name, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
+        model = create_model(name, args.img_size, args.num_classes).to(device, memory_format=torch.channels_last)
         for key, kd_teacher in [('max_batch', None)] + ([('max_batch_kd', teacher)] if teacher else []):
             row[key] = find_max_batch(lambda b: fits_in_memory(
                 lambda: train.trial_steps(model, kd_teacher, b, cfg, args.num_classes, device, autocast)))
@@ -290,7 +334,7 @@ def bench_student(name, variants, teacher_speeds, args, cfg, device, autocast):
     timed = functools.partial(img_per_sec, batch=batch, steps=args.steps, device=device)
     train_step = functools.partial(make_train_step, name, cfg=cfg, batch=batch, device=device, compile=args.compile,
                                    num_classes=args.num_classes, autocast=autocast)
-    student = prepare_teacher(timm.create_model(name, num_classes=args.num_classes), MEAN, STD, device,
+    student = prepare_teacher(create_model(name, args.img_size, args.num_classes), MEAN, STD, device,
                               compile=args.compile)
     row['infer_img_s'] = timed(make_inference(student, batch, args.img_size, device))
     row['train_img_s'] = timed(train_step(None))
@@ -325,6 +369,8 @@ def main(argv=None):
                             '--workers', str(args.workers)])
     if args.teachers:
         results = teacher_menu(args, cfg, device, autocast)
+    elif args.table2:
+        results = table2(args, cfg, device, autocast)
     else:
         variants = teacher_variants(args.teacher, args, device) if args.teacher != 'none' else {}
         teacher_speeds = {}

@@ -3,6 +3,9 @@
 The paper's KD is deliberately vanilla: a KL divergence to the teacher's softmax, added to the cross entropy with
 weight alpha_kd = 5 at temperature 1. It is cheap at scale because the teacher only ever runs inference: BatchNorms
 folded into the convolutions, channels-last, bf16, compiled, KD costs 10-20% of the training speed instead of ~50%."""
+import contextlib
+import sys
+
 import timm
 import torch
 import torch.nn as nn
@@ -18,19 +21,74 @@ def kd_loss(student_logits, teacher_logits, tau=1.0):
     return tau ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)
 
 
-def load_weights(model, checkpoint, new_head=False):
+def create_model(name, img_size, num_classes=None, pretrained=False, **model_kwargs):
+    """timm.create_model for img_size x img_size images, with timm's model_kwargs (--model_kwargs).
+    Architectures with a fixed input size (ViT, Swin, Mixer, ResMLP, TNT, LeViT) are built for img_size:
+    timm reads it from the pretrained config's input_size, and resamples pretrained position embeddings to it.
+    The size stays in model.pretrained_cfg, where prepare_teacher and load_weights read it.
+    Every failure is a one-line ValueError."""
+    overlay = {'input_size': (3, img_size, img_size)}
+    if num_classes is not None:
+        model_kwargs['num_classes'] = num_classes
+    try:
+        return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except TypeError as e:
+        # An argument the architecture does not have: "__init__() got an unexpected keyword argument 'x'".
+        raise ValueError(f"'{name}' does not take these model arguments ({first_line(e)})")
+    except RuntimeError as e:
+        if not pretrained or 'size mismatch' not in str(e):
+            raise
+        # timm resamples position embeddings, but a Mixer's token MLP or a LeViT's attention biases have one
+        # weight per position, and those cannot be resampled.
+        default = timm.get_pretrained_cfg(name).input_size[-1]
+        raise ValueError(f"the pretrained weights of '{name}' are made for {default} px images and cannot be "
+                         f"adapted to {img_size} px: use --img_size {default}")
+
+
+def check_input_size(name, img_size, **model_kwargs):
+    """Builds the model on the meta device (no memory, no weights) and runs it on two img_size images, so that a
+    size the architecture cannot take (an image smaller than one patch), or a model argument it does not have, is
+    a one-line ValueError before anything is loaded."""
+    try:
+        with torch.device('meta'):
+            model = create_model(name, img_size, **model_kwargs)
+            model(torch.empty(2, 3, img_size, img_size))
+    except NotImplementedError:
+        # An op without a meta kernel says nothing about the size: building the real model will tell.
+        pass
+    except ValueError:
+        # create_model's own one line: an argument the architecture does not take.
+        raise
+    except Exception as e:
+        arguments = f" with --model_kwargs {model_kwargs}" if model_kwargs else ''
+        raise ValueError(f"'{name}' cannot take {img_size} px images{arguments}: {first_line(e)}")
+
+
+def first_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def read_checkpoint(path):
+    """torch.load of a checkpoint file onto the CPU; every failure is a one-line ValueError."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist")
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read: {first_line(e)}")
+
+
+def load_weights(model, checkpoint, new_head=False, source=None):
     """Loads checkpoint (a path or a loaded dict) into model in place and returns model. Reads train.py's checkpoints
     (weights under 'state_dict'), timm's ('state_dict', 'model' or plain), DDP's and compiled ones. A head with another
-    class count is refused, or with new_head=True left freshly initialized. Every failure is a one-line ValueError."""
-    state, src = checkpoint, f"checkpoint {'dict' if isinstance(checkpoint, dict) else checkpoint}"
+    class count is refused, or with new_head=True left freshly initialized. Weights made for another input size are
+    adapted as timm adapts its pretrained ones, or refused naming both sizes. Every failure is a one-line ValueError."""
+    src = f"checkpoint {source or ('dict' if isinstance(checkpoint, dict) else checkpoint)}"
     if not isinstance(checkpoint, dict):
-        try:
-            state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        except FileNotFoundError:
-            raise ValueError(f"{src} does not exist")
-        except Exception as e:
-            raise ValueError(f"{src} cannot be read: {str(e).splitlines()[0]}")
-    state = state.get('state_dict', state.get('model', state)) if isinstance(state, dict) else {}
+        checkpoint = read_checkpoint(checkpoint)
+    # train.py's checkpoints say which size they were made for; a timm checkpoint does not.
+    made_for = checkpoint.get('config', {}).get('img_size') if isinstance(checkpoint, dict) else None
+    state = checkpoint.get('state_dict', checkpoint.get('model', checkpoint)) if isinstance(checkpoint, dict) else {}
     state = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in state.items()}
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     heads = cfg.get('classifier') or ()  # two for models with a distillation head (DeiT): ('head', 'head_dist')
@@ -41,8 +99,19 @@ def load_weights(model, checkpoint, new_head=False):
             if not new_head:
                 raise ValueError(f"{src} has {state[k].shape[0]} classes, the dataset has {own[k].shape[0]}")
             state.update({h + p: own[h + p] for h in heads for p in ('.weight', '.bias') if h + p in own})
+    filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
+    if filter_fn and any(k in state and state[k].shape != own[k].shape for k in own):
+        # timm's own conversion of its pretrained weights resamples position embeddings (ViT, DeiT, TNT) and
+        # relative position bias tables (Swin) to the model's input size. What it cannot resample (a Mixer's
+        # token MLPs, a LeViT's attention biases) stays as it was, and is refused below.
+        with contextlib.suppress(Exception):
+            state = filter_fn(dict(state), model)
     bad = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
            + [f"wrong shape {k}" for k in own if k in state and state[k].shape != own[k].shape])
+    size = cfg.get('input_size', (None,))[-1]
+    if bad and made_for and size and made_for != size:
+        raise ValueError(f"{src} was made for {made_for} px images and cannot be adapted to {size} px "
+                         f"({bad[0]}): use --img_size {made_for}")
     if bad:
         raise ValueError(f"{src} does not fit model '{cfg.get('architecture', type(model).__name__)}': "
                          f"{len(bad)} mismatched tensors ({bad[0]}, ...)")
@@ -50,14 +119,23 @@ def load_weights(model, checkpoint, new_head=False):
     return model
 
 
-def load_teacher(name, checkpoint=None, num_classes=1000):
-    """A timm model from a local file (see load_weights) or the hub. Every failure is a one-line ValueError."""
+def load_teacher(name, checkpoint=None, num_classes=1000, img_size=224):
+    """A timm model for img_size images, from a local file (see load_weights) or the hub. A teacher that is one of
+    train.py's own checkpoints is rebuilt with the model arguments it was trained with (--model_kwargs).
+    Every failure is a one-line ValueError."""
     if not timm.is_model(name):
         raise ValueError(f"unknown teacher model '{name}' (not in timm.list_models())")
     if checkpoint:
-        return load_weights(timm.create_model(name, num_classes=num_classes), checkpoint)
+        state = read_checkpoint(checkpoint)
+        trained = state.get('config', {}) if isinstance(state, dict) else {}
+        if trained.get('model', name) != name:
+            raise ValueError(f"checkpoint {checkpoint} is a '{trained['model']}', not the teacher '{name}'")
+        model = create_model(name, img_size, num_classes, **trained.get('model_kwargs', {}))
+        return load_weights(model, state, source=checkpoint)
     try:
-        model = timm.create_model(name, pretrained=True)
+        model = create_model(name, img_size, pretrained=True)
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"could not download pretrained weights for teacher '{name}' "
                          f"({type(e).__name__}): pass --teacher_checkpoint PATH or --teacher none")
@@ -89,9 +167,12 @@ def fuse_bn(model):
 
 class PreparedTeacher(nn.Module):
     """The teacher as train.py calls it: student-normalized batch in, fp32 logits out, no gradients."""
-    def __init__(self, model, scale, shift, channels_last, dtype):
+    def __init__(self, model, scale, shift, channels_last, dtype, folded_bn=0):
         super().__init__()
-        self.model, self.dtype = model, dtype
+        self.model = model
+        self.dtype = dtype
+        # BatchNorms folded into the conv or linear before them: train.py logs it.
+        self.folded_bn = folded_bn
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.register_buffer('scale', scale.view(1, -1, 1, 1))
         self.register_buffer('shift', shift.view(1, -1, 1, 1))
@@ -125,13 +206,14 @@ def prepare_teacher(model, student_mean, student_std, device='cpu', channels_las
     device = torch.device(device)
     dtype = torch.bfloat16 if (has_fast_bf16(device) if bf16 is None else bf16) else torch.float32
     model = model.to(device).eval().requires_grad_(False)  # so the probes below build no graph either
+    folded_bn = 0
     if fuse:
         probe = torch.randn(2, *cfg.get('input_size', (3, 224, 224)), device=device)
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         try:  # with TF32, a deep teacher's error nears the tolerance and a sound fold would be refused
             before = model(probe)
-            model, _ = fuse_bn(model)
+            model, folded_bn = fuse_bn(model)
             after = model(probe)  # fuse_bn infers the dataflow from registration order: check it
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -142,7 +224,9 @@ def prepare_teacher(model, student_mean, student_std, device='cpu', channels_las
     model = model.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if compile:  # on CPU, inductor's freezing turns the fixed weights into prepacked oneDNN constants: +25%
         model = torch.compile(model, options={'freezing': True} if device.type == 'cpu' else None)
-    return PreparedTeacher(model, s_std / t_std, (s_mean - t_mean) / t_std, channels_last, dtype).to(device)
+    scale = s_std / t_std
+    shift = (s_mean - t_mean) / t_std
+    return PreparedTeacher(model, scale, shift, channels_last, dtype, folded_bn).to(device)
 
 
 def chance_threshold(num_classes):

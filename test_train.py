@@ -1002,6 +1002,33 @@ def test_teacher_menu_rows_pareto_oom_and_plot(tmp_path, monkeypatch, capsys):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_bench_table2_trains_each_backbone_at_the_size_asked(monkeypatch, capsys):
+    """bench.py --models table2 with the table made of tiny members of three families: a row each with a
+    training and a KD step at 32 px (the ViT and the Mixer built for it), and a row with the one-line reason for
+    a backbone that cannot take the size; the table goes on after it."""
+    import bench
+    tiny = {'test_resnet': 'CNN', 'test_vit': 'transformer', 'mixer_s32_224': 'MLP', 'vit_tiny_patch16_224': 'bad'}
+    monkeypatch.setattr(bench, 'TABLE2', tiny)
+    real_create = bench.create_model
+
+    def create(name, img_size, *args, **kwargs):  # one backbone that cannot take 32 px, as a 64 px patch could not
+        if name == 'vit_tiny_patch16_224':
+            kwargs['patch_size'] = 64
+        return real_create(name, img_size, *args, **kwargs)
+    monkeypatch.setattr(bench, 'create_model', create)
+    rows = bench.main(['--models', 'table2', '--teacher', 'test_resnet', '--img_size', '32', '--batch_size', '4',
+                       '--num_classes', '10', '--device', 'cpu', '--steps', '1'])
+    printed = capsys.readouterr().out
+    by_name = {r['model']: r for r in rows}
+    assert list(by_name) == list(tiny)
+    for name in ('test_resnet', 'test_vit', 'mixer_s32_224'):
+        assert by_name[name]['train_img_s'] > 0 and by_name[name]['train_kd_img_s'] > 0, by_name[name]
+        assert by_name[name]['params_m'] > 0 and by_name[name]['family'] == tiny[name]
+    assert by_name['vit_tiny_patch16_224']['train_img_s'] is None
+    assert by_name['vit_tiny_patch16_224']['note'].startswith('fails: ')
+    assert "the paper's Table 2 at 32 px, batch 4" in printed and '| mixer_s32_224 | MLP |' in printed
+
+
 def test_img_per_sec_median_ignores_a_stolen_call(monkeypatch):
     """On a shared CPU host one call can lose its time slice: the median call's rate ignores it, the mean's not."""
     import bench
@@ -1949,6 +1976,162 @@ def test_init_checkpoint_gets_a_new_head(tiny_data, tmp_path):
     torch.save(timm.create_model('resnet18', num_classes=4).state_dict(), tmp_path / 'other.pt')
     one_line_error(run_train(*RUN, '--data', tiny_data, '--init_checkpoint', tmp_path / 'other.pt',
                              '--out_dir', tmp_path / 'o', check=False), 'does not fit model')
+
+
+# ---------------------------------------------------------------- any backbone: Table 2's families at 32 px
+
+# Tiny members of each family of the paper's Table 2, shrunk with --model_kwargs where timm's name allows it
+# (Mixer's and ResMLP's entry points fix their depth and width: mixer_s16_224 is the smallest of its kind).
+FAMILIES = {
+    'cnn': ('test_resnet', []),
+    'mobile': ('mobilenetv3_small_050', []),
+    'vit': ('vit_tiny_patch16_224', ['patch_size=8', 'embed_dim=32', 'depth=1', 'num_heads=2']),
+    'swin': ('swin_tiny_patch4_window7_224', ['embed_dim=16', 'depths=(1,1)', 'num_heads=(1,1)', 'window_size=4']),
+    'mlp': ('mixer_s16_224', []),
+    'levit': ('levit_128s', ['embed_dim=(32,48)', 'key_dim=8', 'num_heads=(1,1)', 'depth=(1,1)']),
+    'tnt': ('tnt_s_patch16_224', ['embed_dim=48', 'inner_dim=12', 'depth=1', 'num_heads_outer=2',
+                                  'num_heads_inner=2']),
+}
+COLOUR_RUN = ['--img_size', '32', '--batch_size', '32', '--workers', '1', '--log_every', '100', '--aug_repeats', '1']
+
+
+def family_args(family):
+    name, kwargs = FAMILIES[family]
+    return ['--model', name, *(['--model_kwargs', *kwargs] if kwargs else [])]
+
+
+@pytest.fixture(scope='session')
+def colour_data(tmp_path_factory):
+    """Four classes told apart by colour alone: a transformer learns them in 2 epochs, which stripes take it 20."""
+    root = tmp_path_factory.mktemp('colour')
+    rng = np.random.default_rng(0)
+    colours = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (40, 60, 220), 'yellow': (230, 220, 40)}
+    for split, n in (('train', 50), ('val', 10)):
+        for name, colour in colours.items():
+            os.makedirs(root / split / name)
+            for i in range(n):
+                image = np.array(colour) + rng.normal(0, 30, (32, 32, 3))
+                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / split / name / f'{i}.png')
+    return str(root)
+
+
+@pytest.fixture(scope='session')
+def vit_teacher(colour_data, tmp_path_factory):
+    """A ViT trained at 32 px with 8 px patches (--model_kwargs): its best.pt, the teacher of the family runs."""
+    def make(out):
+        run_train(*family_args('vit'), '--data', colour_data, '--teacher', 'none', '--epochs', 3,
+                  '--out_dir', out, *COLOUR_RUN)
+    return os.path.join(made_once(tmp_path_factory, 'vit_teacher', make), 'best.pt')
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_every_family_trains_with_kd_at_32px(family, colour_data, vit_teacher, tmp_path):
+    """Each family of Table 2 through train.py at 32 px, distilled from a ViT checkpoint trained at 32 px (rebuilt
+    with the model arguments it was trained with). Mixer, ResMLP, ViT, Swin, TNT and LeViT are built by timm for
+    one input size: 224 unless train.py asks for --img_size."""
+    out = tmp_path / family
+    proc = run_train(*family_args(family), '--data', colour_data, '--teacher', 'vit_tiny_patch16_224',
+                     '--teacher_checkpoint', vit_teacher, '--epochs', 1, '--train_subset', 64, '--out_dir', out,
+                     *COLOUR_RUN)
+    assert 'teacher: vit_tiny_patch16_224, val top-1 ' in proc.stdout
+    log = read_log(out)
+    assert len(log) == 1 and log[0]['step'] == 2 and log[0]['val_images'] == 40
+    assert log[0]['train_kd'] > 0 and math.isfinite(log[0]['train_loss'])
+    name, kwargs = FAMILIES[family]
+    config = saved(str(out / 'last.pt'))['config']
+    assert config['model'] == name and config['model_kwargs'] == dict(map(train.model_kwarg, kwargs))
+
+
+def test_a_levit_teacher_folds_the_batchnorms_after_its_linear_layers(colour_data, vit_teacher, tmp_path):
+    """LeViT's linear layers are each followed by a BatchNorm1d: the prepared teacher, trained at 32 px and rebuilt
+    with its model arguments, folds every one of them, and those after its convolutions."""
+    teacher = tmp_path / 'levit'
+    run_train(*family_args('levit'), '--data', colour_data, '--teacher', 'none', '--epochs', 3, '--out_dir', teacher,
+              *COLOUR_RUN)
+    proc = run_train(*family_args('cnn'), '--data', colour_data, '--teacher', 'levit_128s', '--teacher_checkpoint',
+                     teacher / 'best.pt', '--epochs', 1, '--train_subset', 64, '--out_dir', tmp_path / 'student',
+                     *COLOUR_RUN)
+    from timm.models.levit import ConvNorm, LinearNorm
+    kwargs = dict(map(train.model_kwarg, FAMILIES['levit'][1]))
+    levit = timm.create_model('levit_128s', img_size=32, **kwargs)
+    # Each LinearNorm and ConvNorm is a layer followed by its BatchNorm; the head's BatchNorms come before its
+    # linear layers, and stay.
+    after_linear = sum(isinstance(m, LinearNorm) for m in levit.modules())
+    after_conv = sum(isinstance(m, ConvNorm) for m in levit.modules())
+    assert after_linear > 0
+    assert f'teacher: levit_128s, val top-1 ' in proc.stdout
+    assert f'{after_linear + after_conv} BatchNorms folded' in proc.stdout
+
+
+def test_a_checkpoint_made_at_one_size_is_adapted_or_refused_at_another(colour_data, vit_teacher, tmp_path):
+    """A ViT's position embeddings are resampled to the new grid (as timm does for its pretrained weights); a
+    Mixer's token MLPs have one weight per position and cannot be: one line that names both sizes."""
+    # No --model_kwargs: the checkpoint's own rebuild the ViT it was trained as.
+    proc = run_train('--model', 'vit_tiny_patch16_224', '--data', colour_data, '--img_size', 48, '--eval_checkpoint',
+                     vit_teacher, '--workers', 1)
+    assert re.search(r'best.pt EMA: val top-1 \d+\.\d\d%', proc.stdout)
+    mixer = tmp_path / 'mixer'
+    run_train(*family_args('mlp'), '--data', colour_data, '--teacher', 'none', '--epochs', 1, '--train_subset', 64,
+              '--out_dir', mixer, *COLOUR_RUN)
+    one_line_error(run_train(*family_args('mlp'), '--data', colour_data, '--img_size', 48, '--eval_checkpoint',
+                             mixer / 'last.pt', '--workers', 1, check=False),
+                   'was made for 32 px images and cannot be adapted to 48 px')
+
+
+def test_load_weights_resamples_a_vits_position_embeddings(tmp_path):
+    """load_weights adapts a checkpoint made at 224 px to a model built for 32 px exactly as timm adapts its
+    pretrained weights: the same tensors timm's checkpoint_filter_fn makes."""
+    from distill import create_model, load_weights
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    torch.manual_seed(0)
+    source = timm.create_model('vit_tiny_patch16_224', num_classes=4, depth=1).state_dict()
+    torch.save(source, tmp_path / 'vit224.pt')
+    model = create_model('vit_tiny_patch16_224', 32, 4, depth=1)
+    assert model.pos_embed.shape == (1, 1 + 2 * 2, 192)
+    load_weights(model, str(tmp_path / 'vit224.pt'))
+    expected = checkpoint_filter_fn(dict(source), model)['pos_embed']
+    assert torch.equal(model.pos_embed, expected) and not torch.equal(expected[:, 1:], source['pos_embed'][:, 1:5])
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source['blocks.0.attn.qkv.weight'])
+
+
+def test_pretrained_weights_are_adapted_to_the_size_or_refused_in_one_line(monkeypatch):
+    """The hub's weights (stood in for by a model of the default size) are resampled for a ViT, and refused for
+    a Mixer with one line that names both sizes, instead of timm's page of size mismatches."""
+    from distill import create_model
+
+    def from_the_hub(model_id, *args, **kwargs):
+        name = model_id.split('/')[-1].split('.')[0]
+        return timm.create_model(name).state_dict()
+    monkeypatch.setattr('timm.models._builder.load_state_dict_from_hf', from_the_hub)
+    vit = create_model('vit_tiny_patch16_224', 64, pretrained=True)
+    assert vit.pos_embed.shape == (1, 1 + 4 * 4, 192) and vit.pretrained_cfg['input_size'] == (3, 64, 64)
+    with pytest.raises(ValueError, match=r"made for 224 px images and cannot be adapted to 64 px: use --img_size 224$"):
+        create_model('mixer_s16_224', 64, pretrained=True)
+
+
+def test_a_size_or_model_argument_the_architecture_cannot_take_is_one_line(tiny_data, tmp_path):
+    """Refused before anything is loaded or written: no --out_dir is made."""
+    out = tmp_path / 'never'
+    common = ['--data', tiny_data, '--teacher', 'none', '--out_dir', out]
+    cases = [(['--model', 'vit_tiny_patch16_224', '--img_size', 8], "'vit_tiny_patch16_224' cannot take 8 px images"),
+             (['--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_sise=4'],
+              "unexpected keyword argument 'patch_sise'"),
+             (['--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_size=four'],
+              "'vit_tiny_patch16_224' does not take these model arguments"),
+             (['--model', 'resnet18', '--model_kwargs', 'depth'], "expected key=value, got 'depth'"),
+             (['--model', MODEL, '--img_size', 16, '--teacher', 'tresnet_m'], "'tresnet_m' cannot take 16 px images")]
+    for args, message in cases:
+        one_line_error(run_train(*common, *args, check=False), message)
+        assert not out.exists()
+
+
+def test_resume_refuses_other_model_arguments(colour_data, tmp_path):
+    args = [*family_args('vit'), '--data', colour_data, '--teacher', 'none', '--epochs', 1, '--train_subset', 64,
+            '--out_dir', tmp_path, *COLOUR_RUN]
+    run_train(*args)
+    args[args.index('depth=1')] = 'depth=2'
+    one_line_error(run_train(*args, '--resume', check=False), 'another recipe', "--model_kwargs {'patch_size': 8")
+
 
 
 def test_flat_imagenet_val_is_sorted_by_the_readme_command(tiny_data, tmp_path):

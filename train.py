@@ -7,6 +7,7 @@ Every hyperparameter below equals the paper's Table 1 (or the authors' code wher
 overridden: --batch_size 256. What keeps a long run alive on a cluster is in resilience.py.
 """
 import argparse
+import ast
 import copy
 import json
 import math
@@ -27,13 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
 from device_data import Augment, Draw, collate, device_batches, read_file
-from distill import chance_threshold, kd_loss, load_teacher, load_weights, prepare_teacher
+from distill import (chance_threshold, check_input_size, create_model, kd_loss, load_teacher, load_weights,
+                     prepare_teacher, read_checkpoint)
 from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
                         one_line_errors, resume, worker_init)
 
 # ---------------------------------------------------------------------------------------------- model and data
 MODEL = 'resnet50'                # student backbone, any timm name (paper: "any backbone")
+MODEL_KWARGS = {}                 # timm.create_model arguments, key=value ... (timm's --model-kwargs): patch_size=4
 DATA = ''                         # ImageFolder root with train/ and val/, or 'fashion-mnist' / 'cifar10'
 DATA_DIR = './data'               # where torchvision datasets are downloaded / found
 TRAIN_SUBSET = 0                  # train on a fixed random subset of this many images (0: all); for CPU runs
@@ -70,7 +73,7 @@ LOG_EVERY = 50                    # print a line every N steps
 OUT_DIR = 'out'                   # log.jsonl, last.pt, best.pt
 RESUME = False                    # continue from OUT_DIR/last.pt
 SEED = 0                          # base seed; rank r uses SEED + r
-CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str))]
+CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str, dict))]
 # must be > 0 (>= 0 for the rest): a bad value is stopped here, not 300 epochs later
 POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'MAX_BATCH', 'ACCUM_STEPS', 'IMG_SIZE', 'LR', 'KD_TAU', 'EVAL_EVERY', 'LOG_EVERY',
             'AUG_REPEATS', 'TEST_CROP_RATIO', 'CHECK_EVERY', 'DIST_TIMEOUT'}
@@ -80,6 +83,17 @@ def parse_bool(s):
     if s.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
         raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got '{s}'")
     return s.lower() in ('1', 'true', 'yes')
+
+
+def model_kwarg(text):
+    """One --model_kwargs item, key=value, its value read as a Python literal where it is one (timm's ParseKwargs)."""
+    key, equals, value = text.partition('=')
+    if not equals or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value, got '{text}'")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def get_config(argv):
@@ -93,11 +107,14 @@ def get_config(argv):
         flags = sorted({f'--{name}', f"--{name.replace('_', '-')}"})
         if isinstance(default, bool):  # bare --resume, or --resume=1 / --compile 0
             parser.add_argument(*flags, dest=name, type=parse_bool, nargs='?', const=True, default=default)
+        elif isinstance(default, dict):  # --model_kwargs patch_size=4 depth=6
+            parser.add_argument(*flags, dest=name, type=model_kwarg, nargs='*', default=[])
         else:  # the batch may also be 'auto': 0.85 of the largest that fits, as the paper advises
             kind = int_or_auto if key in ('BATCH_SIZE', 'ACCUM_STEPS') else type(default)
             parser.add_argument(*flags, dest=name, type=kind, default=default,
                                 choices=('device', 'workers') if key == 'DATA_PIPELINE' else None)
     cfg = parser.parse_args(argv)
+    cfg.model_kwargs = dict(cfg.model_kwargs)
     for key in CONFIG_KEYS:
         value = getattr(cfg, key.lower())
         if type(value) in (int, float) and (math.isnan(value) or value < 0 or (key in POSITIVE and value == 0)):
@@ -256,8 +273,46 @@ def setup(cfg):
     return rank, world, device, log
 
 
+def evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, std, memory_format, log):
+    """--eval_checkpoint: top-1 and top-5 on val/ of the raw and EMA weights of one of train.py's checkpoints
+    (rebuilt with the model arguments it was trained with), or of the one set of weights of timm's."""
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    # timm's validate.py batch: there are no gradients to hold.
+    val_loader = make_loader(val_shard, 256, cfg, rank)
+    augment = Augment(cfg.img_size, False, mean, cfg.test_crop_ratio) if cfg.data_pipeline == 'device' else None
+    try:
+        ckpt = read_checkpoint(cfg.eval_checkpoint)
+        trained = ckpt.get('config', {}) if isinstance(ckpt, dict) else {}
+        model_kwargs = cfg.model_kwargs or trained.get('model_kwargs', {})
+        model = create_model(cfg.model, cfg.img_size, num_classes, **model_kwargs)
+        model = model.to(device, memory_format=memory_format)
+        weights = {'': ckpt}
+        if 'ema' in ckpt:
+            # Each set of weights keeps the run's config, so that load_weights knows the size it was made for.
+            weights = {'raw': {'model': ckpt['model'], 'config': trained},
+                       'EMA': {'model': ckpt['ema'], 'config': trained}}
+        for name, state in weights.items():
+            load_weights(model, state, source=cfg.eval_checkpoint)
+            batches = device_batches(val_loader, device, mean, std, memory_format, augment)
+            top1, top5, _ = evaluate(model, batches, device, autocast)
+            log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+    except ValueError as e:  # a missing or unreadable file, another model or size (load_weights says which)
+        raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
+
+
 def main(argv):
     cfg = get_config(argv)
+    # A size or a model argument the architecture cannot take is one line here, before anything is loaded or written.
+    if not timm.is_model(cfg.model):
+        raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
+    teacher_by_name = cfg.teacher != 'none' and not cfg.teacher_checkpoint and not cfg.eval_checkpoint
+    try:
+        check_input_size(cfg.model, cfg.img_size, **cfg.model_kwargs)
+        if teacher_by_name and timm.is_model(cfg.teacher):
+            check_input_size(cfg.teacher, cfg.img_size)
+    except ValueError as e:
+        raise Fail(str(e))
     rank, world, device, log = setup(cfg)
     on_cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=on_cuda)
@@ -265,20 +320,23 @@ def main(argv):
     last_path, best_path, log_path = (os.path.join(cfg.out_dir, f) for f in ('last.pt', 'best.pt', 'log.jsonl'))
 
     # data, student and teacher: the student's images are normalized the way its own timm config says
-    if not timm.is_model(cfg.model):
-        raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
     data_cfg = timm.get_pretrained_cfg(cfg.model)
     mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     train_set, val_set, num_classes = make_datasets(cfg, mean, std)
+    if cfg.eval_checkpoint:  # evaluate and exit (needs val/ alone: no train set, batch search or teacher)
+        return evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, std, memory_format, log)
     try:  # the teacher (compiled after the batch search, which runs shapes training never will), then the student
-        teacher = None if cfg.teacher == 'none' or cfg.eval_checkpoint else prepare_teacher(
-            load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes), mean, std, device)
+        teacher = None
+        if cfg.teacher != 'none':
+            teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes, cfg.img_size)
+            teacher = prepare_teacher(teacher, mean, std, device)
         # Determinism contract: SEED fixes the initial weights (the same on every rank); SEED + rank each rank's RNGs
         # (mixup/cutmix, drop-path) and loader generators; (SEED, epoch, position) each sample's augmentation, the epoch
         # the order, 0 the --train_subset. A resumed run restores every RNG state from last.pt: bit for bit the same.
         torch.manual_seed(cfg.seed)
-        model = timm.create_model(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained)
-        model = load_weights(model, cfg.init_checkpoint, new_head=True) if cfg.init_checkpoint else model
+        model = create_model(cfg.model, cfg.img_size, num_classes, cfg.pretrained, **cfg.model_kwargs)
+        if cfg.init_checkpoint:
+            model = load_weights(model, cfg.init_checkpoint, new_head=True)
     except Exception as e:  # distill.py's one-line ValueErrors (a missing file, another model), a failed download
         raise Fail(str(e).splitlines()[0])
     model = model.to(device, memory_format=memory_format)
@@ -288,16 +346,6 @@ def main(argv):
     augment = {split: Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
                for split in ('train', 'val')} if cfg.data_pipeline == 'device' else {}
     val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format, augment.get('val'))  # noqa
-    if cfg.eval_checkpoint:  # evaluate and exit (needs val/ alone: no train set, batch search or teacher)
-        val_loader = make_loader(val_shard, 256, cfg, rank)  # timm's validate.py batch; no gradients to hold
-        try:  # train.py's checkpoints hold raw and EMA weights, timm's one set
-            ckpt = torch.load(cfg.eval_checkpoint, map_location='cpu', weights_only=True)
-            for name, weights in [('raw', ckpt['model']), ('EMA', ckpt['ema'])] if 'ema' in ckpt else [('', ckpt)]:
-                top1, top5, _ = evaluate(load_weights(model, weights), val_batches(), device, autocast)
-                log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-        except Exception as e:  # a missing or unreadable file, another model (load_weights says which)
-            raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
-        return
 
     # batch and loaders: --batch_size is the global batch, split over the processes, each in `accum` micro-batches
     global_batch, accum = batch_sizes(cfg, world, last_path, device, log,
@@ -324,7 +372,8 @@ def main(argv):
 
     if teacher is not None:  # checked on the validation set before a single step is spent
         teacher_top1, teacher_top5, _ = evaluate(teacher, val_batches(), device, autocast)
-        log(f"teacher: {cfg.teacher}, val top-1 {teacher_top1:.2f}%, top-5 {teacher_top5:.2f}%")
+        log(f"teacher: {cfg.teacher}, val top-1 {teacher_top1:.2f}%, top-5 {teacher_top5:.2f}%, "
+            f"{teacher.folded_bn} BatchNorms folded")
         if teacher_top1 < chance_threshold(num_classes):
             raise Fail(f"teacher {cfg.teacher} scores {teacher_top1:.2f}% top-1 on this validation set, near "
                        f"chance ({100 / num_classes:.2f}%): its weights did not load or fit this dataset")
