@@ -2,7 +2,9 @@
 The whole scheme on a laptop CPU, in one command: a teacher trained without KD, a small student distilled
 from it, and the same student without KD, on Fashion-MNIST (10,000 images at 32 px, 10 epochs); then their
 table, and (with matplotlib) their validation top-1 per epoch in curves.png beside it. 16 minutes on a 2-core
-Intel Xeon (34 on an older 2-core CPU; the README's figures).
+Intel Xeon (34 on an older 2-core CPU; the README's figures). Run again, it goes on where it stopped: a finished
+run is read from its folder, not trained again (seconds, for the table and curves.png), an interrupted one
+resumes from its last.pt, and a folder made with other flags (quickstart_args.json says which) is moved aside.
 
     python quickstart.py                    # Fashion-MNIST, found or fetched (fashion_mnist below says from where)
     QUICKSTART_ARGS="--data DIR --epochs 1 --img_size 32" python quickstart.py   # any dataset, any flags
@@ -30,6 +32,7 @@ RUNS = [  # name, out_dir, flags: the teacher's best.pt is a plain checkpoint of
     ('student without KD', 'student_nokd', '--model mobilenetv3_small_100 --teacher none'),
 ]
 HERE = os.path.dirname(os.path.abspath(__file__))
+ARGS_FILE = 'quickstart_args.json'  # in each run's folder: the train.py flags it was made with
 
 
 DEBIAN = '/usr/share/datasets/fashion-mnist'  # where Debian's dataset-fashion-mnist puts the files
@@ -84,11 +87,33 @@ def fashion_mnist_root(flags):
     return os.path.normpath(os.path.join(HERE, cfg.data_dir)) if cfg.data == 'fashion-mnist' else None
 
 
+def read_log(run_dir):
+    """A run's log.jsonl: one record per epoch, as train.py wrote them."""
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
 def read_top1(run_dir):
     """(epoch, val top-1: the better of raw and EMA) for each validated epoch of a run's log.jsonl."""
-    with open(os.path.join(run_dir, 'log.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    return [(r['epoch'], max(r['val_top1'], r['ema_top1'])) for r in records if r['val_top1'] is not None]
+    return [(r['epoch'], max(r['val_top1'], r['ema_top1'])) for r in read_log(run_dir) if r['val_top1'] is not None]
+
+
+def finished(run_dir, epochs):
+    """Whether a run was trained to its last epoch: log.jsonl ends with epoch `epochs`, and best.pt is there (the
+    KD student's teacher is the teacher's best.pt)."""
+    if not os.path.exists(os.path.join(run_dir, 'log.jsonl')) or not os.path.exists(os.path.join(run_dir, 'best.pt')):
+        return False
+    records = read_log(run_dir)
+    return len(records) > 0 and records[-1]['epoch'] == epochs
+
+
+def made_with(run_dir):
+    """The train.py flags that quickstart.py recorded in a run's folder, or None where it recorded none."""
+    path = os.path.join(run_dir, ARGS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def plot(runs, path):
@@ -98,7 +123,8 @@ def plot(runs, path):
         matplotlib.use('Agg')  # a file, no display
         import matplotlib.pyplot as plt
     except ImportError:
-        return print(f"pip install matplotlib, then run quickstart.py again, for {path}: top-1 per epoch")
+        return print(f"pip install matplotlib, then python quickstart.py again for {path} (top-1 per epoch): it "
+                     f"takes seconds, the finished runs are read, not trained again")
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, run_dir in runs:
         axes.plot(*zip(*read_top1(run_dir)), marker='o', label=name)
@@ -110,6 +136,48 @@ def plot(runs, path):
     return figure
 
 
+def train_run(name, run_dir, args):
+    """One run of train.py with these flags, unless it finished earlier: then its folder is read. An interrupted
+    run resumes from its last.pt; a folder made with other flags is moved aside. Returns the table's wall time."""
+    epochs = train.get_config(args).epochs
+    # A folder made with other flags holds another experiment: its numbers must not be printed as this one's.
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and made_with(run_dir) != args:
+        number = 1
+        while os.path.exists(f"{run_dir}.old{number}"):
+            number += 1
+        aside = f"{run_dir}.old{number}"
+        os.rename(run_dir, aside)
+        print(f"{name}: {run_dir} was made with other flags ({ARGS_FILE} differs or is missing): moved aside to "
+              f"{aside}, training afresh", flush=True)
+    if finished(run_dir, epochs):
+        print(f"{name}: finished earlier, read from {run_dir}", flush=True)
+        return 'done earlier'
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, ARGS_FILE), 'w') as f:
+        json.dump(args, f)
+    command = [sys.executable, 'train.py', *args]
+    # An interrupted run goes on from its last checkpoint instead of starting over.
+    resumed = os.path.exists(os.path.join(run_dir, 'last.pt'))
+    if resumed:
+        command.append('--resume')
+    print(f"{name}: {' '.join(command[1:])}", flush=True)
+    t0 = time.time()
+    try:
+        returncode = subprocess.run(command, cwd=HERE).returncode
+    except KeyboardInterrupt:  # Ctrl-C stops train.py too; its last.pt holds the epochs it finished
+        sys.exit(f"quickstart.py: interrupted in the {name} run; python quickstart.py again goes on from its last.pt")
+    if returncode:
+        sys.exit(f"quickstart.py: error: the {name} run failed (its output is above)")
+    # A stop signal (SIGTERM) ends train.py with exit 0 and last.pt written, before its last epoch.
+    if not finished(run_dir, epochs):
+        sys.exit(f"quickstart.py: error: the {name} run stopped before epoch {epochs} or left no best.pt; "
+                 f"python quickstart.py again resumes it (delete {run_dir} to start it over)")
+    wall_time = f"{(time.time() - t0) / 60:.1f} min"
+    if resumed:
+        wall_time += ' (resumed)'
+    return wall_time
+
+
 def main(out='out/quickstart'):
     out, flags = os.path.abspath(out), SMALL + os.environ.get('QUICKSTART_ARGS', '').split()  # later flags win
     os.makedirs(out, exist_ok=True)
@@ -118,14 +186,10 @@ def main(out='out/quickstart'):
     rows = []
     for name, run_dir, run_flags in RUNS:
         run_dir = os.path.join(out, run_dir)
-        args = [sys.executable, 'train.py', *run_flags.format(out=out).split(), *flags, '--out_dir', run_dir]
-        print(f"{name}: {' '.join(args[1:])}", flush=True)
-        t0 = time.time()
-        if subprocess.run(args, cwd=HERE).returncode:
-            sys.exit(f"quickstart.py: error: the {name} run failed (its output is above)")
+        wall_time = train_run(name, run_dir, [*run_flags.format(out=out).split(), *flags, '--out_dir', run_dir])
         top1 = max(top1 for _, top1 in read_top1(run_dir))
         model = run_flags.split()[1]
-        rows.append(f"| {name} | {model} | {top1:.2f}% | {(time.time() - t0) / 60:.1f} min |")
+        rows.append(f"| {name} | {model} | {top1:.2f}% | {wall_time} |")
     print('\n| run | model | val top-1 (best of raw and EMA) | wall time |\n|---|---|---|---|\n' + '\n'.join(rows))
     plot([(name, os.path.join(out, run_dir)) for name, run_dir, _ in RUNS], os.path.join(out, 'curves.png'))
 

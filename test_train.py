@@ -822,6 +822,107 @@ def test_quickstart_prints_the_table(tiny_data, tmp_path):
     assert table[3].startswith('| student with KD | mobilenetv3_small_100 |') and table[4].endswith(' min |')
     assert table[5].endswith('curves.png: top-1 per epoch') and os.path.exists(tmp_path / 'qs' / 'curves.png')
     assert os.path.exists(tmp_path / 'qs' / 'student_kd' / 'best.pt')
+    # again: train.py's real folders count as finished, so nothing is trained and the same table comes back
+    again = subprocess.run([sys.executable, os.path.join(HERE, 'quickstart.py'), str(tmp_path / 'qs')], text=True,
+                           capture_output=True, env=dict(ENV, QUICKSTART_ARGS=small), cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and 'config:' not in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    table_again = again.stdout[again.stdout.index('| run |'):].splitlines()
+    assert [row.rsplit('|', 2)[0] for row in table_again[2:5]] == [row.rsplit('|', 2)[0] for row in table[2:5]]
+    assert all(row.endswith('| done earlier |') for row in table_again[2:5])
+
+
+def stand_in_train_py(monkeypatch, stop='none'):
+    """quickstart's train.py runs, stood in for: each writes log.jsonl (val top-1 10% an epoch), last.pt and best.pt
+    (their epoch, as text) into --out_dir, from last.pt's epoch with --resume. The run whose folder is `stop` stops
+    after its first epoch and exits 0, as train.py does on SIGTERM. Returns (folder, --resume) for each run."""
+    started = []
+
+    def train_py(command, cwd):
+        cfg = train.get_config(command[2:])  # [python, 'train.py', flags...]
+        started.append((os.path.basename(cfg.out_dir), cfg.resume))
+        first = 1
+        if cfg.resume:
+            with open(os.path.join(cfg.out_dir, 'last.pt')) as f:
+                first = int(f.read()) + 1
+        last = 1 if os.path.basename(cfg.out_dir) == stop else cfg.epochs
+        for epoch in range(first, last + 1):
+            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps({'epoch': epoch, 'val_top1': 10.0 * epoch, 'ema_top1': 0.0}) + '\n')
+            for checkpoint in ('last.pt', 'best.pt'):
+                with open(os.path.join(cfg.out_dir, checkpoint), 'w') as f:
+                    f.write(str(epoch))
+        return subprocess.CompletedProcess(command, 0)
+
+    class StandIn:  # quickstart's subprocess module: only its run, and only for train.py
+        run = staticmethod(train_py)
+    monkeypatch.setattr(quickstart, 'subprocess', StandIn)
+    monkeypatch.setenv('QUICKSTART_ARGS', '--data /elsewhere --epochs 2')  # no Fashion-MNIST to find
+    return started
+
+
+def test_quickstart_again_trains_no_finished_run(monkeypatch, tmp_path, capsys):
+    """A second quick start reads the finished runs (log.jsonl at the last epoch, best.pt there): no train.py,
+    the same top-1, 'done earlier'. A run without best.pt is not finished: the KD student needs the teacher's."""
+    started = stand_in_train_py(monkeypatch)
+    quickstart.main(str(tmp_path / 'qs'))
+    assert started == [('teacher', False), ('student_kd', False), ('student_nokd', False)]
+    started.clear()
+    quickstart.main(str(tmp_path / 'qs'))
+    assert started == []
+    table = capsys.readouterr().out.split('| run |')[-1].splitlines()
+    assert table[2:5] == ['| teacher | resnet18 | 20.00% | done earlier |',
+                          '| student with KD | mobilenetv3_small_100 | 20.00% | done earlier |',
+                          '| student without KD | mobilenetv3_small_100 | 20.00% | done earlier |']
+    os.remove(tmp_path / 'qs' / 'teacher' / 'best.pt')
+    with pytest.raises(SystemExit, match='the teacher run stopped before epoch 2 or left no best.pt'):
+        quickstart.main(str(tmp_path / 'qs'))
+    assert started == [('teacher', True)]
+
+
+def test_quickstart_resumes_an_interrupted_run(monkeypatch, tmp_path, capsys):
+    """A run stopped after epoch 1 of 2 (train.py exits 0 on SIGTERM, with last.pt) stops the quick start; the
+    next one reads the finished teacher, resumes the KD student with --resume and trains the last run afresh.
+    Ctrl-C, which stops train.py and quickstart.py alike, says in one line that running it again goes on."""
+    started = stand_in_train_py(monkeypatch, stop='student_kd')
+
+    class CtrlC:  # quickstart's subprocess module while Ctrl-C is pressed
+        @staticmethod
+        def run(command, cwd):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(quickstart, 'subprocess', CtrlC)
+    with pytest.raises(SystemExit, match="interrupted in the teacher run; python quickstart.py again goes on"):
+        quickstart.main(str(tmp_path / 'qs'))
+    started = stand_in_train_py(monkeypatch, stop='student_kd')
+    with pytest.raises(SystemExit, match='the student with KD run stopped before epoch 2'):
+        quickstart.main(str(tmp_path / 'qs'))
+    assert started == [('teacher', False), ('student_kd', False)]
+    started = stand_in_train_py(monkeypatch)
+    quickstart.main(str(tmp_path / 'qs'))
+    assert started == [('student_kd', True), ('student_nokd', False)]
+    assert [record['epoch'] for record in quickstart.read_log(tmp_path / 'qs' / 'student_kd')] == [1, 2]
+    table = capsys.readouterr().out.split('| run |')[-1].splitlines()
+    assert table[2].endswith('| done earlier |') and table[3].endswith(' min (resumed) |')
+
+
+def test_quickstart_moves_aside_a_run_made_with_other_flags(monkeypatch, tmp_path, capsys):
+    """Finished runs made with other flags (--lr, which leaves their logs finished) or with none recorded are
+    moved aside, said in one line each, and trained afresh; their files are kept in the folder moved aside."""
+    started = stand_in_train_py(monkeypatch)
+    quickstart.main(str(tmp_path / 'qs'))
+    monkeypatch.setenv('QUICKSTART_ARGS', '--data /elsewhere --epochs 2 --lr 1e-3')
+    started.clear()
+    capsys.readouterr()
+    quickstart.main(str(tmp_path / 'qs'))
+    assert started == [('teacher', False), ('student_kd', False), ('student_nokd', False)]
+    moved = re.findall(r'made with other flags \(quickstart_args.json differs or is missing\): moved aside to (\S+), '
+                       r'training afresh\n', capsys.readouterr().out)
+    assert moved == [str(tmp_path / 'qs' / f'{run}.old1') for run in ('teacher', 'student_kd', 'student_nokd')]
+    assert all(os.path.exists(os.path.join(folder, 'best.pt')) for folder in moved)
+    os.remove(tmp_path / 'qs' / 'student_nokd' / 'quickstart_args.json')  # as train.py run by hand would leave it
+    started.clear()
+    quickstart.main(str(tmp_path / 'qs'))
+    assert started == [('student_nokd', False)]
+    assert f"moved aside to {tmp_path / 'qs' / 'student_nokd.old2'}, training afresh" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- bad input
