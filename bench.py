@@ -60,7 +60,7 @@ FORMATS = {'top1': '{:.2f}', 'params_m': '{:.1f}', 'kd_overhead': '{:.1%}', 'kd_
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description='USI throughput benchmark')
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda msg: parser.exit(2, f"bench.py: error: {msg}\n")
     parser.add_argument('--model', default='resnet50', help='student, any timm name')
     parser.add_argument('--models', default='',
@@ -68,13 +68,15 @@ def get_args(argv=None):
                              "one train and one KD step each, in one table")
     parser.add_argument('--teacher', default=train.TEACHER, help="teacher timm name, or 'none'")
     parser.add_argument('--batch_size', default='', help="per-device batch, or 'auto' (largest that fits x 0.85)")
-    parser.add_argument('--img_size', type=int, default=train.IMG_SIZE)
-    parser.add_argument('--num_classes', type=int, default=1000)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cuda', 'cpu'])
+    parser.add_argument('--img_size', type=int, default=train.IMG_SIZE,
+                        help='image size of the synthetic batches (and of --data); transformers are built for it')
+    parser.add_argument('--num_classes', type=int, default=1000, help="the models' classifier width")
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', choices=['cuda', 'cpu'],
+                        help='where to time (default: cuda where there is one)')
     parser.add_argument('--compile', type=train.parse_bool, default=None, help='default: 1 on CUDA, 0 on CPU')
     parser.add_argument('--steps', type=int, default=0, help='timed steps (default: 30 on CUDA, 10 on CPU)')
     parser.add_argument('--data', default='', help='an ImageFolder root: also time the data pipeline')
-    parser.add_argument('--workers', type=int, default=train.WORKERS)
+    parser.add_argument('--workers', type=int, default=train.WORKERS, help="with --data: train.py's data workers")
     parser.add_argument('--data_pipeline', default='device', choices=['device', 'workers'],
                         help="what feeds the end-to-end steps (train_e2e_img_s) with --data")
     parser.add_argument('--json', default='', help='write all figures to this file')

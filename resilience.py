@@ -42,7 +42,7 @@ import torch.distributed as dist
 from timm.data.distributed_sampler import RepeatAugSampler
 
 
-# train.py's flags for what is here (the recipe's constants are in train.py)
+# long runs on a cluster: train.py's flags for what is here (the recipe's constants are in train.py)
 CKPT_MINUTES = 30.0               # also write last.pt mid-epoch this often: a kill loses at most this much
 CHECK_EVERY = 10                  # steps between the ranks' agreement: signals, checkpoints, a NaN loss
 LOADER_TIMEOUT = 300              # seconds a batch may take before a hung data-loading worker is an error

@@ -396,6 +396,52 @@ def test_config_spellings_and_errors():
         train.get_config([])
 
 
+def test_help_groups_every_flag_with_its_default_and_source(capsys):
+    """python train.py --help: the sections of the top of train.py in its order, every flag once, each with its
+    meaning and source (the constant's own comment) and its default; timm's dashed spelling still parses."""
+    with pytest.raises(SystemExit) as stop:
+        train.get_config(['--help'])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    titles = re.findall(r'^(\w[^:\n]*):$', text, re.M)
+    assert titles == ['options', 'model and data', 'teacher and KD', 'optimization', 'augmentation', 'system',
+                      'long runs on a cluster']
+    # Each flag's entry, its wrapped lines joined, by section.
+    entries, section = {}, None
+    for line in text.splitlines():
+        if re.fullmatch(r'\w[^:]*:', line):
+            section = line[:-1]
+        elif line.startswith('  --'):
+            flag = line.split()[0]
+            entries[flag] = [section, ' '.join(line.split()[1:])]
+        elif line.startswith('      ') and entries:
+            entries[flag][1] += ' ' + line.strip()
+    assert sorted(entries) == sorted(f'--{key.lower()}' for key in train.CONFIG_KEYS)
+    for key in train.CONFIG_KEYS:
+        meaning, default = entries[f'--{key.lower()}'][1].split(' (default: ')
+        assert default == f"{getattr(train, key)!r})" and len(meaning.split()) >= 3, key  # metavar and words
+    assert 'data-loading processes per training process' in entries['--workers'][1]  # its comment is above it
+    assert entries['--epochs'] == ['optimization', 'INT training epochs (Table 1) (default: 300)']
+    recipe = ['IMG_SIZE', 'TEST_CROP_RATIO', 'TEACHER', 'ALPHA_KD', 'KD_TAU', 'EPOCHS', 'BATCH_SIZE', 'LR',
+              'WEIGHT_DECAY', 'PCT_START', 'EMA_DECAY', 'RAND_AUGMENT', 'MIXUP', 'CUTMIX', 'AUG_REPEATS']
+    for key in recipe:
+        assert re.search(r"Table \d|authors' (public )?code", entries[f'--{key.lower()}'][1]), key
+    assert entries['--ckpt_minutes'][0] == 'long runs on a cluster' and entries['--workers'][0] == 'system'
+    assert train.get_config(['--data', 'd', '--batch-size', '64', '--model-kwargs', 'depth=2']).batch_size == 64
+
+
+def test_bench_help_gives_every_flag_its_meaning(capsys):
+    import bench
+    with pytest.raises(SystemExit):
+        bench.get_args(['--help'])
+    options = capsys.readouterr().out.split('\noptions:\n')[1]
+    entries = re.split(r'\n  (?=--)', options)[1:]  # one per flag, its wrapped lines included
+    assert len(entries) == 15  # every flag but -h
+    for entry in entries:
+        flag, metavar, *meaning = entry.split()
+        assert len(meaning) >= 2, entry
+
+
 def test_constants_equal_the_paper():
     cfg = train.get_config(['--data', 'x'])
     assert ((cfg.img_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.alpha_kd, cfg.kd_tau)

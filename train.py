@@ -9,10 +9,12 @@ overridden: --batch_size 256. What keeps a long run alive on a cluster is in res
 import argparse
 import ast
 import copy
+import functools
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -30,6 +32,7 @@ from torchvision import datasets, transforms
 from device_data import Augment, Draw, collate, device_batches, read_file
 from distill import (chance_threshold, check_input_size, create_model, kd_loss, load_teacher, load_weights,
                      prepare_teacher, read_checkpoint)
+import resilience
 from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
                         one_line_errors, resume, worker_init)
@@ -47,12 +50,12 @@ DATA_PIPELINE = 'workers'         # PIL in the workers; 'device': device_data.py
 TEACHER = 'tresnet_v2_l'          # TResNet-L, 83.9% top-1 (Table 1); 'none' trains without KD
 TEACHER_CHECKPOINT = ''           # local teacher weights (timm checkpoint or train.py's best.pt); '' = hub
 PRETRAINED = False                # start the student from timm's pretrained weights (your own dataset)
-INIT_CHECKPOINT = ''              # ... or from a local checkpoint; a new classifier where the classes differ
+INIT_CHECKPOINT = ''              # start the student from a local checkpoint; a new head where classes differ
 EVAL_CHECKPOINT = ''              # only evaluate this checkpoint on val/ (top-1, top-5 of raw and EMA), no training
 ALPHA_KD = 5.0                    # KD weight (Table 1, ablated in Table 6); 'inf' = teacher only, no CE
 KD_TAU = 1.0                      # KD temperature (Table 1, ablated in Table 7)
 # optimization
-EPOCHS = 300                      # Table 1
+EPOCHS = 300                      # training epochs (Table 1)
 BATCH_SIZE = 1024                 # global batch, split over processes (Table 1: 512 to 3456); 'auto' on CUDA
 MAX_BATCH = 3456                  # global cap of --batch_size auto: Table 3's largest at lr 2e-3
 ACCUM_STEPS = 1                   # micro-batches per AdamW step: the paper's batch on fewer GPUs; 'auto' on CUDA
@@ -66,11 +69,12 @@ MIXUP = 0.8                       # mixup alpha (Table 1)
 CUTMIX = 1.0                      # cutmix alpha (Table 1); one of the two per batch, probability 0.5 each
 AUG_REPEATS = 3                   # repeated augmentation (Table 1): each chosen image 3x per epoch
 # system (and resilience.py's CKPT_MINUTES, CHECK_EVERY, LOADER_TIMEOUT, MAX_BAD_FILES, DIST_TIMEOUT: long runs)
-WORKERS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)  # cores/process-1
+# data-loading processes per training process: its share of the cores, less one for the training loop
+WORKERS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get('LOCAL_WORLD_SIZE', 1)) - 1)
 COMPILE = True                    # torch.compile the student and teacher (CUDA only)
 EVAL_EVERY = 1                    # validate every N epochs (and always after the last)
 LOG_EVERY = 50                    # print a line every N steps
-OUT_DIR = 'out'                   # log.jsonl, last.pt, best.pt
+OUT_DIR = 'out'                   # where log.jsonl, last.pt and best.pt are written
 RESUME = False                    # continue from OUT_DIR/last.pt
 SEED = 0                          # base seed; rank r uses SEED + r
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k.isupper() and isinstance(v, (bool, int, float, str, dict))]
@@ -96,23 +100,65 @@ def model_kwarg(text):
         return key, value
 
 
+def int_or_auto(s):
+    """A count, or 'auto' (argparse's error names it: "invalid int_or_auto value")."""
+    if s == 'auto':
+        return s
+    return int(s)
+
+
+def flag_help():
+    """{section: {KEY: meaning}} from the comments at the top of this file and resilience.py: a constant's comment
+    is its flag's --help, so that the two cannot drift apart. A full-line comment above a constant starts a section
+    ('# optimization'); a constant whose line has no room for its comment has it on the line above."""
+    sections = {}
+    for path in (__file__, resilience.__file__):
+        comments = []
+        for line in open(path):
+            if line.startswith('#'):
+                comments.append(line.strip('#- \n'))
+                continue
+            constant = re.match(r'([A-Z][A-Z0-9_]*) = .*?(?:  # (.*))?$', line)
+            if constant and constant[1] in CONFIG_KEYS:
+                meaning = constant[2] or comments.pop()
+                if comments:
+                    title = comments[0].split(' (')[0].split(':')[0]
+                    sections[title] = {}
+                sections[title][constant[1]] = meaning
+            comments = []
+    return sections
+
+
 def get_config(argv):
     """The constants above, overridden by argv; returns a namespace with lowercase names."""
-    def int_or_auto(s):  # argparse's message names it: "invalid int_or_auto value"
-        return s if s == 'auto' else int(s)
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
+    # One line a flag where the terminal allows: its meaning and source, then its default.
+    formatter = functools.partial(argparse.RawDescriptionHelpFormatter, max_help_position=30, width=120)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=formatter,
+                                     usage='%(prog)s --data DIR [--model NAME] [--teacher NAME] [flags below]')
     parser.error = lambda message: sys.exit(Fail(message).code)  # one line, not usage + error
-    for key in CONFIG_KEYS:
-        default, name = globals()[key], key.lower()
-        flags = sorted({f'--{name}', f"--{name.replace('_', '-')}"})
-        if isinstance(default, bool):  # bare --resume, or --resume=1 / --compile 0
-            parser.add_argument(*flags, dest=name, type=parse_bool, nargs='?', const=True, default=default)
-        elif isinstance(default, dict):  # --model_kwargs patch_size=4 depth=6
-            parser.add_argument(*flags, dest=name, type=model_kwarg, nargs='*', default=[])
-        else:  # the batch may also be 'auto': 0.85 of the largest that fits, as the paper advises
-            kind = int_or_auto if key in ('BATCH_SIZE', 'ACCUM_STEPS') else type(default)
-            parser.add_argument(*flags, dest=name, type=kind, default=default,
-                                choices=('device', 'workers') if key == 'DATA_PIPELINE' else None)
+    for title, meanings in flag_help().items():
+        group = parser.add_argument_group(title)
+        for key, meaning in meanings.items():
+            default = globals()[key]
+            name = key.lower()
+            # --batch-size is accepted too (timm's spelling), and left out of --help to keep it one line a flag.
+            for flag, shown in ((f'--{name}', meaning), (f"--{name.replace('_', '-')}", argparse.SUPPRESS)):
+                if shown is argparse.SUPPRESS and '_' not in name:
+                    continue
+                shown = shown if shown is argparse.SUPPRESS else f"{shown} (default: {default!r})".replace('%', '%%')
+                if isinstance(default, bool):  # bare --resume, or --resume=1 / --compile 0
+                    group.add_argument(flag, dest=name, type=parse_bool, nargs='?', const=True, default=default,
+                                       help=shown, metavar='0|1')
+                elif isinstance(default, dict):  # --model_kwargs patch_size=4 depth=6
+                    group.add_argument(flag, dest=name, type=model_kwarg, nargs='*', default=[], help=shown,
+                                       metavar='KEY=VALUE')
+                elif key in ('BATCH_SIZE', 'ACCUM_STEPS'):  # 'auto': 0.85 of the largest that fits (Section 2.3)
+                    group.add_argument(flag, dest=name, type=int_or_auto, default=default, help=shown, metavar='N')
+                elif key == 'DATA_PIPELINE':
+                    group.add_argument(flag, dest=name, default=default, help=shown, choices=('workers', 'device'))
+                else:
+                    group.add_argument(flag, dest=name, type=type(default), default=default, help=shown,
+                                       metavar=type(default).__name__.upper())
     cfg = parser.parse_args(argv)
     cfg.model_kwargs = dict(cfg.model_kwargs)
     for key in CONFIG_KEYS:
