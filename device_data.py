@@ -30,11 +30,14 @@ from timm.data.auto_augment import RandAugment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
-try:  # the one JPEG decoder: torchvision's while it has one (deprecated in 0.29), else TorchCodec's
-    from torchvision.io import decode_jpeg
-except ImportError:
+# The one JPEG decoder: TorchCodec's where it loads, else torchvision's (deprecated there since 0.29), the same call.
+# An installed TorchCodec may not load: one built for another torch fails to load its library (OSError), an older one
+# without FFmpeg raises RuntimeError, and one older still has no decode_jpeg (ImportError).
+try:
+    from torchcodec.decoders import decode_jpeg
+except (ImportError, OSError, RuntimeError):
     try:
-        from torchcodec.decoders import decode_jpeg
+        from torchvision.io import decode_jpeg
     except ImportError:
         decode_jpeg = None
 
@@ -190,6 +193,13 @@ def smooth(x):  # PIL's SMOOTH filter ([1 1 1; 1 5 1; 1 1 1] / 13, border kept),
     return out
 
 
+@functools.cache
+def pil_cubic(device):
+    """PIL's cubic (a = -1) as the matrix that turns [1 t t^2 t^3] into the 4 taps' weights, (4, 4, 1). Made once a
+    device: a tensor made from Python numbers on the device is a copy from pageable memory, which waits for it."""
+    return torch.tensor([[0, -1, 2, -1], [1, 0, -2, 1], [0, 1, 1, -1], [0, 0, -1, 1]], device=device)[..., None]
+
+
 def affine(x, fill, coefficients):
     """PIL's Image.transform(AFFINE, BICUBIC, fillcolor) per image: output pixel centre (x, y) samples the input at
     (a x + b y + c, d x + e y + f), coefficients (n, 6), with PIL's cubic (a = -1, where torch's grid_sample has
@@ -200,7 +210,7 @@ def affine(x, fill, coefficients):
     col, row = pixel % w + 0.5, pixel // w + 0.5
     src_x, src_y = a * col + b * row + c, d * col + e * row + f  # (n, h * w)
     inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)
-    cubic = torch.tensor([[0, -1, 2, -1], [1, 0, -2, 1], [0, 1, 1, -1], [0, 0, -1, 1]], device=x.device)[..., None]
+    cubic = pil_cubic(x.device)
     taps = []  # per axis: the 4 taps' positions and weights, (n, 4, h * w): [1 t t^2 t^3] x PIL's cubic
     for src, size in ((src_x - 0.5, w), (src_y - 0.5, h)):
         base = src.floor()
@@ -266,8 +276,8 @@ class Augment:
 
     def __init__(self, img_size, train, mean, crop_ratio=0.95):
         if decode_jpeg is None:
-            sys.exit(f"{os.path.basename(sys.argv[0])}: error: --data_pipeline device needs a JPEG decoder: this "
-                     f"torchvision has none and TorchCodec is not installed; use --data_pipeline workers")
+            sys.exit(f"{os.path.basename(sys.argv[0])}: error: --data_pipeline device needs a JPEG decoder: TorchCodec "
+                     f"is not installed (or does not load) and this torchvision has none; use --data_pipeline workers")
         self.size, self.train, self.crop_ratio = img_size, train, crop_ratio
         self.fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's fill colour for RandAugment (img_mean)
         self.pil_decodes = 0  # JPEGs the device's decoder refused, decoded by PIL here (log.jsonl: pil_decodes)
@@ -290,9 +300,10 @@ class Augment:
                 self.pil_decodes += 1
                 try:
                     pil = Image.open(io.BytesIO(images[i].numpy())).convert('RGB')
-                    decoded[i] = torch.from_numpy(np.array(pil)).permute(2, 0, 1).to(device)
                 except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
                     errors[i] = e
+                else:  # only the file's own fault counts against --max_bad_files: a device error ends the run
+                    decoded[i] = torch.from_numpy(np.array(pil)).permute(2, 0, 1).to(device)
         return decoded, errors
 
     def __call__(self, batch, labels, device):
@@ -353,9 +364,7 @@ def device_batches(batches, device, mean, std, memory_format=torch.contiguous_fo
     PCIe than fp32), prepared by a helper thread on a side stream while the training thread launches its steps,
     up to `depth` ahead (timm's PrefetchLoader, in a thread). `augment` (Augment) decodes and augments the bytes
     and draws of --data_pipeline device. The order of batches is the loader's; a failure in the helper (a dead
-    worker, the loader's timeout) is raised here, in the loop."""
-    stream = torch.cuda.Stream(device) if device.type == 'cuda' else None
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
+    worker, the loader's timeout, its own start) is raised here, in the loop."""
     ready, stop, batches = queue.Queue(depth), threading.Event(), iter(batches)  # iter: the workers start here
 
     def put(item):
@@ -366,17 +375,23 @@ def device_batches(batches, device, mean, std, memory_format=torch.contiguous_fo
                 continue
 
     def prepare():
-        if stream:
-            torch.cuda.set_device(device)
-        try:
+        try:  # from its first line: a failure to start (the device, the stream) is raised in the loop, not waited for
+            stream = None
+            if device.type == 'cuda':  # a thread starts on device 0: this one works on `device`, on its own stream
+                torch.cuda.set_device(device)
+                stream = torch.cuda.Stream(device)
             with torch.cuda.stream(stream):  # a no-op for None, on the CPU
+                # through pinned memory: a tensor made from Python numbers on the device would wait for it
+                normalize = to_device(dict(mean=mean, std=std), device)
+                shift = normalize['mean'].float().view(1, -1, 1, 1)
+                scale = normalize['std'].float().view(1, -1, 1, 1)
                 for images, labels, bad in batches:
                     if augment:
                         images, labels, replaced = augment(images, labels, device)
                         bad = bad + replaced
                     else:
                         images = images.to(device, non_blocking=True)
-                    images = images.float().div_(255).sub_(mean).div_(std).contiguous(memory_format=memory_format)
+                    images = images.float().div_(255).sub_(shift).div_(scale).contiguous(memory_format=memory_format)
                     batch = (images, labels.to(device, non_blocking=True), bad)
                     put((batch, stream.record_event() if stream else None))
                     if stop.is_set():

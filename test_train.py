@@ -1730,14 +1730,14 @@ def test_device_crop_resize_flip_and_eval_resize_match_pil():
     """timm's crop (bicubic, antialiased), the flip, and the validation resize and centre crop, upscaling and
     downscaling, against the same boxes in PIL: from PIL's decoded pixels, PIL's own fixed-point arithmetic, exact
     where Pillow resizes horizontally first (Pillow 13 does some vertically first: off by 1 level in some pixels
-    then); from the JPEG, decoded by torchvision, within what the two decoders differ by."""
-    from device_data import Augment
+    then); from the JPEG, decoded by the device path's decoder, within what it and PIL's differ by."""
+    from device_data import Augment, decode_jpeg
     random.seed(0)
     jpeg = photo_like_jpeg(200, 150, seed=5)
     data, pil = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), Image.open(io.BytesIO(jpeg)).convert('RGB')
     pixels = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()  # what a worker's PIL decode sends
     tf, TF = torchvision.transforms, torchvision.transforms.functional
-    decoded = torchvision.io.decode_jpeg(data).permute(1, 2, 0).numpy().astype(float)
+    decoded = decode_jpeg(data, mode='RGB', device=torch.device('cpu')).permute(1, 2, 0).numpy().astype(float)
     decoder_difference = np.abs(decoded - np.asarray(pil, float)).mean()
     labels, differences = torch.arange(8), []
     for size in (48, 160):
@@ -1899,6 +1899,25 @@ def test_device_path_without_a_decoder_is_one_line(monkeypatch):
         device_data.Augment(32, True, (0.5,) * 3)
 
 
+def test_a_device_error_after_pils_decode_is_raised_not_a_bad_file(monkeypatch):
+    """Where the device's decoder refuses a file, only PIL's decoding of it can make it a bad file (counted against
+    --max_bad_files): a device error as its pixels go to the device (CUDA's, raised by .to) is raised."""
+    import device_data
+    jpegs = [torch.frombuffer(bytearray(photo_like_jpeg(60, 50, seed=i)), dtype=torch.uint8) for i in range(2)]
+    batch = batch_of(jpegs, torch.tensor([[0, 0, 40, 44, 0] + [-1] * 4] * 2, dtype=torch.float64))
+
+    def refuses(data, **kwargs):  # the batch, then each image: both go to PIL
+        raise RuntimeError('Unknown chroma subsampling')
+
+    def device_error(*args, **kwargs):
+        raise RuntimeError('CUDA error: an illegal memory access was encountered')
+    monkeypatch.setattr(device_data, 'decode_jpeg', refuses)
+    augment = device_data.Augment(32, True, (0.5,) * 3)
+    monkeypatch.setattr(torch.Tensor, 'to', device_error)
+    with pytest.raises(RuntimeError, match='^CUDA error: an illegal memory access'):
+        augment(batch, torch.arange(2), torch.device('cpu'))
+
+
 def test_device_batches_keep_the_order_and_raise_the_helpers_failure():
     """The helper thread prepares batches ahead, in the loader's order; a loader failure (a dead worker, the
     timeout) is raised in the loop, after the batches before it, as the same exception; a loop that stops early
@@ -1920,6 +1939,26 @@ def test_device_batches_keep_the_order_and_raise_the_helpers_failure():
     assert threading.active_count() == before
 
 
+def test_device_batches_raise_the_helpers_failure_to_start(monkeypatch):
+    """A failure as the helper thread starts (choosing its device, making its stream) is raised in the loop, as its
+    other failures are, at once: here torch.cuda.set_device raising, as CUDA does for a device that is not there."""
+    def no_such_device(device):
+        raise RuntimeError('CUDA error: invalid device ordinal')
+    monkeypatch.setattr(torch.cuda, 'set_device', no_such_device)
+    raised = []
+
+    def loop():  # in a thread: a helper that died silently hangs it, not the suite
+        try:
+            next(train.device_batches([], torch.device('cuda:7'), (0,) * 3, (1,) * 3))
+        except Exception as e:
+            raised.append(str(e))
+    consumer = threading.Thread(target=loop, daemon=True)
+    consumer.start()
+    consumer.join(timeout=1)
+    assert not consumer.is_alive(), 'the loop waits for a helper that died'
+    assert raised == ['CUDA error: invalid device ordinal']
+
+
 def drawn_batch(n, size, seed=0, repeats=1):
     """n photo-like JPEGs of varied sizes and their draws from timm's USI train transform (Draw), as collated."""
     from device_data import Draw, collate
@@ -1934,19 +1973,12 @@ def drawn_batch(n, size, seed=0, repeats=1):
 
 
 def device_ops(batch, size, train_split=True):
-    """Ops the device side of one batch dispatches (views and decoding excluded), counted as torch dispatches them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Ops the device side of one batch dispatches, counted as bench.py counts them (data_device_ops)."""
+    from bench import CountOps
     from device_data import Augment
-
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.ops += not func.is_view and 'decode_jpeg' not in str(func)
-            return func(*args, **(kwargs or {}))
-    with Count():
+    with CountOps() as count:
         Augment(size, train_split, (0.485, 0.456, 0.406))(batch[0], batch[1], torch.device('cpu'))
-    return Count.ops
+    return count.ops
 
 
 def test_device_side_ops_do_not_grow_with_the_batch():
@@ -1960,17 +1992,41 @@ def test_device_side_ops_do_not_grow_with_the_batch():
     assert device_ops(drawn_batch(64, 48, repeats=4), 48, train_split=False) < 200  # eval: the resize alone
 
 
+def test_device_side_makes_no_tensor_from_python_numbers_after_the_first_batch():
+    """A tensor made from Python numbers on the device (torch.tensor(list, device=...)) is a copy from pageable
+    memory, which waits for the device: after the first batch, Augment lifts one host tensor a batch, the plan, which
+    to_device copies from pinned memory; its constants (PIL's cubic) are made once a device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from device_data import GEOMETRIC, Augment
+
+    class CountLifts(TorchDispatchMode):  # torch.tensor, torch.as_tensor and torch.from_numpy dispatch lift_fresh
+        lifts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.lifts += func is torch.ops.aten.lift_fresh.default
+            return func(*args, **(kwargs or {}))
+    batch, labels, _ = drawn_batch(16, 48)
+    assert all(np.isin(batch[2][:, 5 + 2 * slot].numpy(), GEOMETRIC).any() for slot in range(2))  # both affine
+    augment = Augment(48, True, (0.485, 0.456, 0.406))
+    lifts = []
+    for _ in range(3):
+        with CountLifts() as count:
+            augment(batch, labels, torch.device('cpu'))
+        lifts.append(count.lifts)
+    assert lifts[1:] == [1, 1], lifts
+
+
 @CUDA
 def test_cuda_device_path_matches_the_cpu():
     """nvJPEG against libjpeg on baseline 4:2:0 JPEGs, within 2 levels of 255 on average (their IDCT and chroma
     upsampling differ); and Augment on CUDA against Augment on the CPU from the same decoded pixels, at the
     recipe's draws (every op, both splits), within 0.05 levels per image."""
-    from device_data import Augment
+    from device_data import Augment, decode_jpeg
     flat, shapes, params, names = drawn_batch(48, 64)[0]
     jpegs = list(flat.split([math.prod(s) for s in shapes]))
-    for a, b in zip(torchvision.io.decode_jpeg(jpegs, device='cpu'), torchvision.io.decode_jpeg(jpegs, device='cuda')):
+    for a, b in zip(decode_jpeg(jpegs, mode='RGB', device='cpu'), decode_jpeg(jpegs, mode='RGB', device='cuda')):
         assert (a.float() - b.float().cpu()).abs().mean() < 2
-    decoded = [image.contiguous() for image in torchvision.io.decode_jpeg(jpegs, device='cpu')]
+    decoded = [image.contiguous() for image in decode_jpeg(jpegs, mode='RGB', device='cpu')]
     pixels = (torch.cat([d.flatten() for d in decoded]), [tuple(d.shape) for d in decoded], params, names)
     for train_split in (True, False):
         augment = Augment(64, train_split, (0.485, 0.456, 0.406))
@@ -1986,7 +2042,7 @@ def test_cuda_augment_and_device_batches_never_wait_for_the_device():
     stream before nvJPEG decodes, is an event's, on the helper thread."""
     from device_data import Augment
     batches = [drawn_batch(32, 64, seed=32 * i) for i in range(3)]
-    augment, device = Augment(64, True, (0.485, 0.456, 0.406)), torch.device('cuda')
+    augment, device = Augment(64, True, (0.485, 0.456, 0.406)), torch.device('cuda', torch.cuda.current_device())
     list(train.device_batches(batches, device, (0.5,) * 3, (0.5,) * 3, torch.channels_last, augment))  # warm-up
     torch.cuda.set_sync_debug_mode('error')
     try:
@@ -2002,7 +2058,7 @@ def test_cuda_device_batches_survive_a_busy_compute_stream():
     device_batches while a step-sized workload (allocating, computing, freeing) keeps the compute stream busy,
     each batch bit-identical to the same batch prepared alone with the device idle."""
     from device_data import Augment
-    device, augment = torch.device('cuda'), Augment(64, True, (0.485, 0.456, 0.406))
+    device, augment = torch.device('cuda', torch.cuda.current_device()), Augment(64, True, (0.485, 0.456, 0.406))
     distinct = [drawn_batch(32, 64, seed=32 * i) for i in range(8)]
     reference = []
     for batch in distinct:
@@ -2243,7 +2299,7 @@ def test_load_weights_resamples_a_vits_position_embeddings(tmp_path):
 
 def test_pretrained_weights_are_adapted_to_the_size_or_refused_in_one_line(monkeypatch):
     """The hub's weights (stood in for by a model of the default size) are resampled for a ViT, and refused for
-    a Mixer with one line that names both sizes, instead of timm's page of size mismatches."""
+    a ResMLP (a weight per position) with one line that names both sizes, instead of timm's size mismatches."""
     from distill import create_model
 
     def from_the_hub(model_id, *args, **kwargs):
@@ -2253,7 +2309,7 @@ def test_pretrained_weights_are_adapted_to_the_size_or_refused_in_one_line(monke
     vit = create_model('vit_tiny_patch16_224', 64, pretrained=True)
     assert vit.pos_embed.shape == (1, 1 + 4 * 4, 192) and vit.pretrained_cfg['input_size'] == (3, 64, 64)
     with pytest.raises(ValueError, match=r"made for 224 px images and cannot be adapted to 64 px: use --img_size 224$"):
-        create_model('mixer_s16_224', 64, pretrained=True)
+        create_model('resmlp_12_224', 64, pretrained=True)
 
 
 def test_a_size_or_model_argument_the_architecture_cannot_take_is_one_line(tiny_data, tmp_path):
@@ -2379,7 +2435,8 @@ def test_cuda_side_stream_prefetch_equals_the_cpu():
     """device_batches on CUDA: the copy on a side stream, one batch ahead, normalized there as on the CPU."""
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.arange(4), ['']) for _ in range(3)]
-    on_gpu = list(train.device_batches(batches, torch.device('cuda'), mean, std, torch.channels_last))
+    device = torch.device('cuda', torch.cuda.current_device())  # as train.py: device_batches needs the index
+    on_gpu = list(train.device_batches(batches, device, mean, std, torch.channels_last))
     on_cpu = list(train.device_batches(batches, torch.device('cpu'), mean, std))
     assert len(on_gpu) == 3
     for (gpu_images, gpu_labels, _), (cpu_images, cpu_labels, _) in zip(on_gpu, on_cpu):
