@@ -32,6 +32,7 @@ kd_runs() {  # kd_runs SEED: every run that needs the 40-epoch teacher, for one 
   run r10t_kd_s$s --model resnet10t $TEACHER --seed $s                                    # Table 2
   run xcit_kd_s$s --model xcit_nano_12_p8_224 $TEACHER --seed $s
   run resmlp_kd_s$s --model resmlp_12_224 $TEACHER --seed $s                              # an MLP
+  run vit_kd_s$s --model vit_tiny_patch16_224 --model_kwargs patch_size=8 $TEACHER --seed $s  # a plain ViT
 }
 
 if [ "$2" != summary ]; then
@@ -47,6 +48,7 @@ if [ "$2" != summary ]; then
       run r10t_nokd_s$s --model resnet10t --teacher none --seed $s  # Table 2: a small CNN ...
       run xcit_nokd_s$s --model xcit_nano_12_p8_224 --teacher none --seed $s  # ... and a vision transformer
       run resmlp_nokd_s$s --model resmlp_12_224 --teacher none --seed $s      # ... and an MLP
+      run vit_nokd_s$s --model vit_tiny_patch16_224 --model_kwargs patch_size=8 --teacher none --seed $s
     done
     for s in 0 1; do for x in 2 4; do  # Table 5 without KD: does KD gain more from long training?
       run patient_nokd_${x}x_s$s $STUDENT --teacher none --seed $s --epochs $((10 * x))
@@ -111,6 +113,7 @@ paired = {
     'Table 2: one recipe, any backbone': [
         ('resnet10t (CNN)', 'r10t_kd', 'r10t_nokd'), ('mobilenetv3_small_100 (mobile)', 'alpha_5', 'alpha_0'),
         ('xcit_nano_12_p8_224 (transformer)', 'xcit_kd', 'xcit_nokd'),
+        ('vit_tiny_patch16_224, 8 px patches (transformer)', 'vit_kd', 'vit_nokd'),
         ('resmlp_12_224 (MLP)', 'resmlp_kd', 'resmlp_nokd')],
     'Table 5: patient teacher, mobilenetv3_small_100': [
         ('1x (10 epochs)', 'alpha_5', 'alpha_0'), ('2x (20 epochs)', 'patient_2x', 'patient_nokd_2x'),

@@ -49,6 +49,7 @@ OPS = ['AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'S
 SLOTS = 2  # RandAugment's num_layers (timm's default 'n2'); a skipped op (its probability 0.5) records nothing
 TABLE, BLEND, GEOMETRIC = (0, 1, 2, 4, 5, 6), (7, 8, 9, 10), (3, 11, 12, 13, 14)  # how each op runs on a batch
 CHUNK = 2 ** 25  # pixels of padded crops resized at once: bounds the resize's memory (about 0.8 GB) on big images
+HELPER_JOIN_TIMEOUT = 10  # seconds a closed device_batches waits for its helper thread to end
 
 
 def read_file(path):
@@ -412,10 +413,14 @@ def device_batches(batches, device, mean, std, memory_format=torch.contiguous_fo
                 for tensor in batch[:2]:
                     tensor.record_stream(torch.cuda.current_stream())
             yield batch
-    except GeneratorExit:  # the loop stopped early: the helper ends before the loader is iterated again
+    except GeneratorExit:
+        # The loop stopped early: the helper ends (at its next batch) before the loader is iterated again. A helper
+        # that waits on a dead data worker would wait out --loader_timeout: the run is failing then, and the
+        # helper, a daemon thread, goes with it.
         stop.set()
-        with contextlib.suppress(Exception):  # a data worker's death, raised here by torch's SIGCHLD handler: the
-            helper.join()  # run is already failing, and reports the first
+        with contextlib.suppress(Exception):
+            # A data worker's death, raised here by torch's SIGCHLD handler: the run already reports the first.
+            helper.join(timeout=HELPER_JOIN_TIMEOUT)
         raise
     finally:
         stop.set()

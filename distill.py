@@ -1,8 +1,10 @@
 """Knowledge distillation for USI (Ridnik et al., 2022): the KD loss and the teacher's preparation.
 
 The paper's KD is deliberately vanilla: a KL divergence to the teacher's softmax, added to the cross entropy with
-weight alpha_kd = 5 at temperature 1. It is cheap at scale because the teacher only ever runs inference: BatchNorms
-folded into the convolutions, channels-last, bf16, compiled, KD costs 10-20% of the training speed instead of ~50%."""
+weight alpha_kd = 5 at temperature 1. It is cheap at scale because the teacher only ever runs inference: with its
+BatchNorms folded into the convolutions, channels-last, bf16 and compiled, KD costs 10-20% of the training speed
+instead of ~50%.
+"""
 import contextlib
 import sys
 
@@ -14,19 +16,25 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 
 def kd_loss(student_logits, teacher_logits, tau=1.0):
-    """tau^2 * KL(p_teacher(tau) || p_student(tau)), averaged over the batch. The tau^2 factor (Hinton et al., 2015)
-    keeps the gradient's scale independent of tau, so alpha_kd means the same at every tau. In fp32: a bf16
-    log-softmax loses the small probabilities that carry the "dark knowledge"."""
-    log_p_student, log_p_teacher = (F.log_softmax(x.float() / tau, dim=-1) for x in (student_logits, teacher_logits))
-    return tau ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)
+    """tau^2 * KL(p_teacher(tau) || p_student(tau)), averaged over the batch.
+
+    The tau^2 factor (Hinton et al., 2015) keeps the gradient's scale independent of tau, so alpha_kd means the
+    same at every tau. In fp32: a bf16 log-softmax loses the small probabilities that carry the "dark knowledge".
+    """
+    log_p_student = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True)
+    return tau ** 2 * kl
 
 
 def create_model(name, img_size, num_classes=None, pretrained=False, **model_kwargs):
     """timm.create_model for img_size x img_size images, with timm's model_kwargs (--model_kwargs).
-    Architectures with a fixed input size (ViT, Swin, Mixer, ResMLP, TNT, LeViT) are built for img_size:
-    timm reads it from the pretrained config's input_size, and resamples pretrained position embeddings to it.
+
+    Architectures with a fixed input size (ViT, Swin, Mixer, ResMLP, TNT, LeViT) are built for img_size: timm
+    reads it from the pretrained config's input_size, and resamples pretrained position embeddings to it.
     The size stays in model.pretrained_cfg, where prepare_teacher and load_weights read it.
-    Every failure is a one-line ValueError."""
+    Every failure is a one-line ValueError.
+    """
     overlay = {'input_size': (3, img_size, img_size)}
     if num_classes is not None:
         model_kwargs['num_classes'] = num_classes
@@ -40,15 +48,17 @@ def create_model(name, img_size, num_classes=None, pretrained=False, **model_kwa
             raise
         # timm resamples position embeddings, but a Mixer's token MLP or a LeViT's attention biases have one
         # weight per position, and those cannot be resampled.
-        default = timm.get_pretrained_cfg(name).input_size[-1]
-        raise ValueError(f"the pretrained weights of '{name}' are made for {default} px images and cannot be "
-                         f"adapted to {img_size} px: use --img_size {default}")
+        default_size = timm.get_pretrained_cfg(name).input_size[-1]
+        raise ValueError(f"the pretrained weights of '{name}' are made for {default_size} px images and cannot "
+                         f"be adapted to {img_size} px: use --img_size {default_size}")
 
 
 def check_input_size(name, img_size, **model_kwargs):
-    """Builds the model on the meta device (no memory, no weights) and runs it on two img_size images, so that a
-    size the architecture cannot take (an image smaller than one patch), or a model argument it does not have, is
-    a one-line ValueError before anything is loaded."""
+    """Builds the model on the meta device (no memory, no weights) and runs it on two img_size images.
+
+    A size the architecture cannot take (an image smaller than one patch), or a model argument it does not have,
+    is then a one-line ValueError before anything is loaded.
+    """
     try:
         with torch.device('meta'):
             model = create_model(name, img_size, **model_kwargs)
@@ -60,12 +70,18 @@ def check_input_size(name, img_size, **model_kwargs):
         # create_model's own one line: an argument the architecture does not take.
         raise
     except Exception as e:
-        arguments = f" with --model_kwargs {model_kwargs}" if model_kwargs else ''
-        raise ValueError(f"'{name}' cannot take {img_size} px images{arguments}: {first_line(e)}")
+        with_arguments = ''
+        if model_kwargs:
+            with_arguments = f" with --model_kwargs {model_kwargs}"
+        raise ValueError(f"'{name}' cannot take {img_size} px images{with_arguments}: {first_line(e)}")
 
 
 def first_line(error):
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    """The first line of an error's message, or the error's type where the message is empty."""
+    message = str(error)
+    if not message:
+        return type(error).__name__
+    return message.splitlines()[0]
 
 
 def read_checkpoint(path):
@@ -79,62 +95,99 @@ def read_checkpoint(path):
 
 
 def load_weights(model, checkpoint, new_head=False, source=None):
-    """Loads checkpoint (a path or a loaded dict) into model in place and returns model. Reads train.py's checkpoints
-    (weights under 'state_dict'), timm's ('state_dict', 'model' or plain), DDP's and compiled ones. A head with another
-    class count is refused, or with new_head=True left freshly initialized. Weights made for another input size are
-    adapted as timm adapts its pretrained ones, or refused naming both sizes. Every failure is a one-line ValueError."""
-    src = f"checkpoint {source or ('dict' if isinstance(checkpoint, dict) else checkpoint)}"
-    if not isinstance(checkpoint, dict):
+    """Loads checkpoint (a path or a loaded dict) into model in place and returns model.
+
+    Reads train.py's checkpoints (weights under 'state_dict'), timm's ('state_dict', 'model' or plain), DDP's and
+    compiled ones. A head with another class count is refused, or with new_head=True left freshly initialized.
+    Weights made for another input size are adapted as timm adapts its pretrained ones, or refused naming both
+    sizes. Every failure is a one-line ValueError, naming the checkpoint by `source`, else by its path.
+    """
+    if isinstance(checkpoint, dict):
+        named = f"checkpoint {source or 'dict'}"
+    else:
+        named = f"checkpoint {source or checkpoint}"
         checkpoint = read_checkpoint(checkpoint)
     # train.py's checkpoints say which size they were made for; a timm checkpoint does not.
-    made_for = checkpoint.get('config', {}).get('img_size') if isinstance(checkpoint, dict) else None
-    state = checkpoint.get('state_dict', checkpoint.get('model', checkpoint)) if isinstance(checkpoint, dict) else {}
+    made_for = None
+    state = {}
+    if isinstance(checkpoint, dict):
+        made_for = checkpoint.get('config', {}).get('img_size')
+        state = checkpoint.get('state_dict', checkpoint.get('model', checkpoint))
+    # DDP saves the weights under 'module.', a compiled model under '_orig_mod.'.
     state = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in state.items()}
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    heads = cfg.get('classifier') or ()  # two for models with a distillation head (DeiT): ('head', 'head_dist')
-    heads = [heads] if isinstance(heads, str) else heads
     own = model.state_dict()
-    for k in [h + '.weight' for h in heads]:
-        if k in state and k in own and state[k].shape[0] != own[k].shape[0]:
-            if not new_head:
-                raise ValueError(f"{src} has {state[k].shape[0]} classes, the dataset has {own[k].shape[0]}")
-            state.update({h + p: own[h + p] for h in heads for p in ('.weight', '.bias') if h + p in own})
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+
+    # The classifier's name, or two for models with a distillation head (DeiT): ('head', 'head_dist').
+    heads = cfg.get('classifier') or ()
+    if isinstance(heads, str):
+        heads = [heads]
+    for head in heads:
+        weight = head + '.weight'
+        if weight not in state or weight not in own:
+            continue
+        checkpoint_classes = state[weight].shape[0]
+        dataset_classes = own[weight].shape[0]
+        if checkpoint_classes == dataset_classes:
+            continue
+        if not new_head:
+            raise ValueError(f"{named} has {checkpoint_classes} classes, the dataset has {dataset_classes}")
+        # Every head, a DeiT's distillation head too, keeps the model's fresh initialization.
+        for key in [h + p for h in heads for p in ('.weight', '.bias')]:
+            if key in own:
+                state[key] = own[key]
+
+    # timm's own conversion of its pretrained weights resamples position embeddings (ViT, DeiT, TNT) and
+    # relative position bias tables (Swin) to the model's input size. What it cannot resample (a Mixer's
+    # token MLPs, a LeViT's attention biases) stays as it was, and is refused below.
     filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
     if filter_fn and any(k in state and state[k].shape != own[k].shape for k in own):
-        # timm's own conversion of its pretrained weights resamples position embeddings (ViT, DeiT, TNT) and
-        # relative position bias tables (Swin) to the model's input size. What it cannot resample (a Mixer's
-        # token MLPs, a LeViT's attention biases) stays as it was, and is refused below.
         with contextlib.suppress(Exception):
             state = filter_fn(dict(state), model)
-    bad = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
-           + [f"wrong shape {k}" for k in own if k in state and state[k].shape != own[k].shape])
-    size = cfg.get('input_size', (None,))[-1]
-    if bad and made_for and size and made_for != size:
-        raise ValueError(f"{src} was made for {made_for} px images and cannot be adapted to {size} px "
-                         f"({bad[0]}): use --img_size {made_for}")
-    if bad:
-        raise ValueError(f"{src} does not fit model '{cfg.get('architecture', type(model).__name__)}': "
-                         f"{len(bad)} mismatched tensors ({bad[0]}, ...)")
+
+    mismatches = mismatched_tensors(state, own)
+    model_size = cfg.get('input_size', (None,))[-1]
+    if mismatches and made_for and model_size and made_for != model_size:
+        raise ValueError(f"{named} was made for {made_for} px images and cannot be adapted to {model_size} px "
+                         f"({mismatches[0]}): use --img_size {made_for}")
+    if mismatches:
+        architecture = cfg.get('architecture', type(model).__name__)
+        raise ValueError(f"{named} does not fit model '{architecture}': "
+                         f"{len(mismatches)} mismatched tensors ({mismatches[0]}, ...)")
     model.load_state_dict(state)
     return model
 
 
+def mismatched_tensors(state, own):
+    """What keeps the weights `state` from loading into a model whose state_dict() is `own`: one line a tensor."""
+    missing = [f"missing {k}" for k in own if k not in state]
+    unexpected = [f"unexpected {k}" for k in state if k not in own]
+    wrong_shape = [f"wrong shape {k}" for k in own if k in state and state[k].shape != own[k].shape]
+    return missing + unexpected + wrong_shape
+
+
 def load_teacher(name, checkpoint=None, num_classes=1000, img_size=224):
-    """A timm model for img_size images, from a local file (see load_weights) or the hub. A teacher that is one of
-    train.py's own checkpoints is rebuilt with the model arguments it was trained with (--model_kwargs).
-    Every failure is a one-line ValueError."""
+    """A timm model for img_size images, from a local file (see load_weights) or the hub.
+
+    A teacher that is one of train.py's own checkpoints is rebuilt with the model arguments it was trained with
+    (--model_kwargs). Every failure is a one-line ValueError.
+    """
     if not timm.is_model(name):
         raise ValueError(f"unknown teacher model '{name}' (not in timm.list_models())")
     if checkpoint:
-        state = read_checkpoint(checkpoint)
-        trained = state.get('config', {}) if isinstance(state, dict) else {}
-        if trained.get('model', name) != name:
-            raise ValueError(f"checkpoint {checkpoint} is a '{trained['model']}', not the teacher '{name}'")
-        model = create_model(name, img_size, num_classes, **trained.get('model_kwargs', {}))
-        return load_weights(model, state, source=checkpoint)
+        saved = read_checkpoint(checkpoint)
+        # train.py's checkpoints hold the flags they were trained with; a timm checkpoint holds none.
+        trained_with = {}
+        if isinstance(saved, dict):
+            trained_with = saved.get('config', {})
+        if trained_with.get('model', name) != name:
+            raise ValueError(f"checkpoint {checkpoint} is a '{trained_with['model']}', not the teacher '{name}'")
+        model = create_model(name, img_size, num_classes, **trained_with.get('model_kwargs', {}))
+        return load_weights(model, saved, source=checkpoint)
     try:
         model = create_model(name, img_size, pretrained=True)
     except ValueError:
+        # create_model's own one line: weights that cannot be adapted to img_size.
         raise
     except Exception as e:
         raise ValueError(f"could not download pretrained weights for teacher '{name}' "
@@ -146,89 +199,148 @@ def load_teacher(name, checkpoint=None, num_classes=1000, img_size=224):
 
 
 def fuse_bn(model):
-    """Folds every eval-mode BatchNorm that directly follows a conv or linear into it. Returns (model, count).
-    In place (eval mode, submodules replaced): pass copy.deepcopy(model) to keep the original. "Follows" = registered
-    right after a Conv/Linear sibling, true of torchvision and timm CNNs (prepare_teacher checks the outputs, torch.fx
-    fusion fails on the many timm models that do not trace). timm's BatchNormAct2d keeps its drop and activation."""
+    """Folds every eval-mode BatchNorm that directly follows a conv or linear layer into it. Returns (model, count).
+
+    In place (eval mode, submodules replaced): pass copy.deepcopy(model) to keep the original. "Follows" means
+    registered right after a Conv/Linear sibling, which is true of torchvision and timm CNNs; prepare_teacher
+    checks the outputs. (torch.fx fusion would need a traced graph, and many timm models do not trace.)
+    timm's BatchNormAct2d keeps its drop and activation.
+    """
     count = 0
     for parent in list(model.eval().modules()):
         children = list(parent.named_children())
-        for (first_name, first), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(first, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                setattr(parent, first_name, fuse_conv_bn_eval(first, bn))
-            elif isinstance(first, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats:
-                setattr(parent, first_name, fuse_linear_bn_eval(first, bn))
-            else:
+        for (layer_name, layer), (bn_name, bn) in zip(children, children[1:]):
+            fused = fused_with_bn(layer, bn)
+            if fused is None:
                 continue
-            setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, 'act') else nn.Identity())
+            setattr(parent, layer_name, fused)
+            if hasattr(bn, 'act'):
+                setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act))
+            else:
+                setattr(parent, bn_name, nn.Identity())
             count += 1
     return model, count
 
 
+def fused_with_bn(layer, bn):
+    """A copy of layer with the BatchNorm bn after it folded in, or None where that pair does not fold."""
+    if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+        return fuse_conv_bn_eval(layer, bn)
+    if isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and bn.track_running_stats:
+        return fuse_linear_bn_eval(layer, bn)
+    return None
+
+
 class PreparedTeacher(nn.Module):
     """The teacher as train.py calls it: student-normalized batch in, fp32 logits out, no gradients."""
+
     def __init__(self, model, scale, shift, channels_last, dtype, folded_bn=0):
         super().__init__()
         self.model = model
         self.dtype = dtype
         # BatchNorms folded into the conv or linear before them: train.py logs it.
         self.folded_bn = folded_bn
-        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.memory_format = torch.preserve_format
+        if channels_last:
+            self.memory_format = torch.channels_last
         self.register_buffer('scale', scale.view(1, -1, 1, 1))
         self.register_buffer('shift', shift.view(1, -1, 1, 1))
 
     @torch.no_grad()
     def forward(self, x):
-        return self.model((x * self.scale + self.shift).to(self.dtype, memory_format=self.memory_format)).float()
+        # From the student's normalization to the teacher's (prepare_teacher), then to the teacher's dtype.
+        x = x * self.scale + self.shift
+        x = x.to(self.dtype, memory_format=self.memory_format)
+        return self.model(x).float()
 
 
 def has_fast_bf16(device):
-    """bf16 pays only with native instructions: CUDA since Ampere, AVX512-BF16 or AMX CPUs (else oneDNN emulates it)."""
+    """Whether bf16 pays on device: only with native instructions, those of CUDA GPUs since Ampere and of
+    AVX512-BF16 or AMX CPUs (elsewhere oneDNN emulates it)."""
     if device.type == 'cuda':
         return torch.cuda.is_bf16_supported()
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    # Private torch.cpu functions: one that this torch lacks counts as no.
+    for supported in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'):
+        if hasattr(torch.cpu, supported) and getattr(torch.cpu, supported)():
+            return True
+    return False
 
 
 def prepare_teacher(model, student_mean, student_std, device='cpu', channels_last=True, bf16=None,
                     compile=False, fuse=True, teacher_mean=None, teacher_std=None):
     """Returns the teacher ready for KD: eval mode, no grads, BN folded, channels-last, bf16 where the device has
     native bf16 (resnet50 on a 2-core AVX512-BF16 CPU: 1.9x the plain fp32 teacher), optionally compiled.
-    Modifies model in place and returns a PreparedTeacher wrapping it: pass copy.deepcopy(model) to keep the original.
-    The student's loader normalizes with the student's mean/std, the teacher was trained with its own (TResNet: 0/1,
-    ViTs: 0.5/0.5, ResNets: ImageNet's): teacher_mean/teacher_std if given, else its timm pretrained_cfg's. The batch
-    is mapped exactly, x_t = (x_s * std_s + mean_s - mean_t) / std_t, rather than by a second data pipeline. The
-    BN-fold check's probe input size is pretrained_cfg['input_size'], else (3, 224, 224)."""
+
+    Modifies model in place and returns a PreparedTeacher wrapping it: pass copy.deepcopy(model) to keep the
+    original. The student's loader normalizes with the student's mean/std, the teacher was trained with its own
+    (TResNet: 0/1, ViTs: 0.5/0.5, ResNets: ImageNet's): teacher_mean/teacher_std if given, else its timm
+    pretrained_cfg's. The batch is mapped exactly, x_t = (x_s * std_s + mean_s - mean_t) / std_t, rather than by
+    a second data pipeline. The BN-fold check's probe input size is pretrained_cfg['input_size'], else
+    (3, 224, 224).
+    """
     cfg = getattr(model, 'pretrained_cfg', None) or {}
-    t_mean = cfg.get('mean') if teacher_mean is None else teacher_mean
-    t_std = cfg.get('std') if teacher_std is None else teacher_std
-    if t_mean is None or t_std is None:  # a torchvision or user-built model: assuming ImageNet's could be wrong
+    if teacher_mean is None:
+        teacher_mean = cfg.get('mean')
+    if teacher_std is None:
+        teacher_std = cfg.get('std')
+    if teacher_mean is None or teacher_std is None:
+        # A torchvision or user-built model: assuming ImageNet's statistics could be wrong.
         raise ValueError(f"teacher {type(model).__name__} has no pretrained_cfg: pass teacher_mean= and teacher_std=")
     device = torch.device(device)
-    dtype = torch.bfloat16 if (has_fast_bf16(device) if bf16 is None else bf16) else torch.float32
-    model = model.to(device).eval().requires_grad_(False)  # so the probes below build no graph either
+    if bf16 is None:
+        bf16 = has_fast_bf16(device)
+    dtype = torch.float32
+    if bf16:
+        dtype = torch.bfloat16
+    # Without gradients, the probes of fuse_bn_checked build no graph either.
+    model = model.to(device).eval().requires_grad_(False)
     folded_bn = 0
     if fuse:
-        probe = torch.randn(2, *cfg.get('input_size', (3, 224, 224)), device=device)
-        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:  # with TF32, a deep teacher's error nears the tolerance and a sound fold would be refused
-            before = model(probe)
-            model, folded_bn = fuse_bn(model)
-            after = model(probe)  # fuse_bn infers the dataflow from registration order: check it
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        if not torch.allclose(before, after, rtol=1e-3, atol=1e-3 * before.abs().max().item()):
-            raise ValueError(f"fuse_bn changed {type(model).__name__}'s outputs: pass fuse=False")
-    s_mean, s_std, t_mean, t_std = (torch.as_tensor(v, dtype=torch.float32)
-                                    for v in (student_mean, student_std, t_mean, t_std))
-    model = model.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if compile:  # on CPU, inductor's freezing turns the fixed weights into prepacked oneDNN constants: +25%
-        model = torch.compile(model, options={'freezing': True} if device.type == 'cpu' else None)
-    scale = s_std / t_std
-    shift = (s_mean - t_mean) / t_std
+        model, folded_bn = fuse_bn_checked(model, cfg.get('input_size', (3, 224, 224)), device)
+
+    memory_format = torch.contiguous_format
+    if channels_last:
+        memory_format = torch.channels_last
+    model = model.to(dtype=dtype, memory_format=memory_format)
+    if compile:
+        # On CPU, inductor's freezing turns the fixed weights into prepacked oneDNN constants: +25%.
+        options = None
+        if device.type == 'cpu':
+            options = {'freezing': True}
+        model = torch.compile(model, options=options)
+
+    student_mean = torch.as_tensor(student_mean, dtype=torch.float32)
+    student_std = torch.as_tensor(student_std, dtype=torch.float32)
+    teacher_mean = torch.as_tensor(teacher_mean, dtype=torch.float32)
+    teacher_std = torch.as_tensor(teacher_std, dtype=torch.float32)
+    # x_t = (x_s * std_s + mean_s - mean_t) / std_t = x_s * scale + shift
+    scale = student_std / teacher_std
+    shift = (student_mean - teacher_mean) / teacher_std
     return PreparedTeacher(model, scale, shift, channels_last, dtype, folded_bn).to(device)
+
+
+def fuse_bn_checked(model, input_size, device):
+    """fuse_bn(model), refused with a one-line ValueError where it changes the outputs on a random batch."""
+    probe = torch.randn(2, *input_size, device=device)
+    # With TF32, a deep teacher's error nears the tolerance and a sound fold would be refused.
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        before = model(probe)
+        model, folded_bn = fuse_bn(model)
+        # fuse_bn infers the dataflow from the order the layers are registered in: check it.
+        after = model(probe)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    if not torch.allclose(before, after, rtol=1e-3, atol=1e-3 * before.abs().max().item()):
+        raise ValueError(f"fuse_bn changed {type(model).__name__}'s outputs: pass fuse=False")
+    return model, folded_bn
 
 
 def chance_threshold(num_classes):
     """Top-1 (percent) below which a teacher is taken as untrained: 10% of the way from chance to perfect."""
-    return 100.0 / num_classes + 0.1 * (100.0 - 100.0 / num_classes)
+    chance = 100.0 / num_classes
+    return chance + 0.1 * (100.0 - chance)

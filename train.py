@@ -29,10 +29,10 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets, transforms
 
+import resilience
 from device_data import Augment, Draw, collate, device_batches, read_file
 from distill import (chance_threshold, check_input_size, create_model, kd_loss, load_teacher, load_weights,
                      prepare_teacher, read_checkpoint)
-import resilience
 from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
                         one_line_errors, resume, worker_init)
@@ -83,10 +83,21 @@ POSITIVE = {'EPOCHS', 'BATCH_SIZE', 'MAX_BATCH', 'ACCUM_STEPS', 'IMG_SIZE', 'LR'
             'AUG_REPEATS', 'TEST_CROP_RATIO', 'CHECK_EVERY', 'DIST_TIMEOUT'}
 
 
-def parse_bool(s):
-    if s.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
-        raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got '{s}'")
-    return s.lower() in ('1', 'true', 'yes')
+
+# ------------------------------------------------------------------------------------------------------ config
+
+def parse_bool(text):
+    """--resume 1, --compile false: the spellings a boolean flag takes."""
+    if text.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got '{text}'")
+    return text.lower() in ('1', 'true', 'yes')
+
+
+def int_or_auto(text):
+    """A count, or 'auto' (argparse's error names it: "invalid int_or_auto value")."""
+    if text == 'auto':
+        return text
+    return int(text)
 
 
 def model_kwarg(text):
@@ -98,13 +109,6 @@ def model_kwarg(text):
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
         return key, value
-
-
-def int_or_auto(s):
-    """A count, or 'auto' (argparse's error names it: "invalid int_or_auto value")."""
-    if s == 'auto':
-        return s
-    return int(s)
 
 
 def flag_help():
@@ -129,88 +133,160 @@ def flag_help():
     return sections
 
 
+def add_flag(group, key, meaning):
+    """The flag of one constant, --name; timm's spelling --name-with-dashes parses too, left out of --help."""
+    default = globals()[key]
+    name = key.lower()
+    options = {'dest': name, 'default': default, 'help': f"{meaning} (default: {default!r})".replace('%', '%%')}
+    if isinstance(default, bool):
+        # A bare --resume, or --resume=1, --compile 0.
+        options.update(type=parse_bool, nargs='?', const=True, metavar='0|1')
+    elif isinstance(default, dict):
+        # --model_kwargs patch_size=4 depth=6
+        options.update(type=model_kwarg, nargs='*', default=[], metavar='KEY=VALUE')
+    elif key in ('BATCH_SIZE', 'ACCUM_STEPS'):
+        # 'auto': 0.85 of the largest batch that fits, as the paper advises (Section 2.3).
+        options.update(type=int_or_auto, metavar='N')
+    elif key == 'DATA_PIPELINE':
+        options.update(choices=('workers', 'device'))
+    else:
+        options.update(type=type(default), metavar=type(default).__name__.upper())
+    group.add_argument(f'--{name}', **options)
+    if '_' in name:
+        group.add_argument(f"--{name.replace('_', '-')}", **options | {'help': argparse.SUPPRESS})
+
+
+def exit_with(message):
+    """argparse's errors as one line, instead of its usage and the error."""
+    sys.exit(Fail(message).code)
+
+
 def get_config(argv):
     """The constants above, overridden by argv; returns a namespace with lowercase names."""
     # One line a flag where the terminal allows: its meaning and source, then its default.
     formatter = functools.partial(argparse.RawDescriptionHelpFormatter, max_help_position=30, width=120)
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=formatter,
                                      usage='%(prog)s --data DIR [--model NAME] [--teacher NAME] [flags below]')
-    parser.error = lambda message: sys.exit(Fail(message).code)  # one line, not usage + error
+    parser.error = exit_with
     for title, meanings in flag_help().items():
         group = parser.add_argument_group(title)
         for key, meaning in meanings.items():
-            default = globals()[key]
-            name = key.lower()
-            # --batch-size is accepted too (timm's spelling), and left out of --help to keep it one line a flag.
-            for flag, shown in ((f'--{name}', meaning), (f"--{name.replace('_', '-')}", argparse.SUPPRESS)):
-                if shown is argparse.SUPPRESS and '_' not in name:
-                    continue
-                shown = shown if shown is argparse.SUPPRESS else f"{shown} (default: {default!r})".replace('%', '%%')
-                if isinstance(default, bool):  # bare --resume, or --resume=1 / --compile 0
-                    group.add_argument(flag, dest=name, type=parse_bool, nargs='?', const=True, default=default,
-                                       help=shown, metavar='0|1')
-                elif isinstance(default, dict):  # --model_kwargs patch_size=4 depth=6
-                    group.add_argument(flag, dest=name, type=model_kwarg, nargs='*', default=[], help=shown,
-                                       metavar='KEY=VALUE')
-                elif key in ('BATCH_SIZE', 'ACCUM_STEPS'):  # 'auto': 0.85 of the largest that fits (Section 2.3)
-                    group.add_argument(flag, dest=name, type=int_or_auto, default=default, help=shown, metavar='N')
-                elif key == 'DATA_PIPELINE':
-                    group.add_argument(flag, dest=name, default=default, help=shown, choices=('workers', 'device'))
-                else:
-                    group.add_argument(flag, dest=name, type=type(default), default=default, help=shown,
-                                       metavar=type(default).__name__.upper())
+            add_flag(group, key, meaning)
     cfg = parser.parse_args(argv)
     cfg.model_kwargs = dict(cfg.model_kwargs)
+    # A bad value is stopped here, not 300 epochs later.
     for key in CONFIG_KEYS:
         value = getattr(cfg, key.lower())
-        if type(value) in (int, float) and (math.isnan(value) or value < 0 or (key in POSITIVE and value == 0)):
-            parser.error(f"--{key.lower()} must be {'> 0' if key in POSITIVE else '>= 0'}, got {value}")
+        if type(value) not in (int, float):
+            continue
+        if key in POSITIVE and not value > 0:
+            parser.error(f"--{key.lower()} must be > 0, got {value}")
+        if not value >= 0:
+            parser.error(f"--{key.lower()} must be >= 0, got {value}")
     if not cfg.data:
         parser.error("--data is required: an ImageFolder root with train/ and val/, fashion-mnist or cifar10")
-    if cfg.teacher.lower() == 'none':  # spelled one way, so that --resume compares like with like
+    if cfg.teacher.lower() == 'none':
         if math.isinf(cfg.alpha_kd):
             parser.error("--alpha_kd inf trains on the teacher alone; it needs a --teacher")
-        cfg.teacher, cfg.alpha_kd = 'none', 0.0
+        # Spelled one way, so that --resume compares like with like.
+        cfg.teacher = 'none'
+        cfg.alpha_kd = 0.0
     return cfg
+
+
+def check_models(cfg):
+    """A size or a model argument the student or the teacher cannot take is one line, before anything is loaded
+    or written."""
+    if not timm.is_model(cfg.model):
+        raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
+    try:
+        check_input_size(cfg.model, cfg.img_size, **cfg.model_kwargs)
+        # A teacher from one of train.py's checkpoints takes its model arguments from it: checked as it loads.
+        teacher_by_name = cfg.teacher != 'none' and not cfg.teacher_checkpoint and not cfg.eval_checkpoint
+        if teacher_by_name and timm.is_model(cfg.teacher):
+            check_input_size(cfg.teacher, cfg.img_size)
+    except ValueError as e:
+        raise Fail(str(e))
 
 
 # ---------------------------------------------------------------------------------------------------------- data
 
-def make_datasets(cfg, mean, std):
-    """(train_set, val_set, num_classes), USI's train transform and 0.95-crop eval, as uint8: see device_batches.
-    --data_pipeline device: the workers read bytes and draw the same augmentation, which device_data applies."""
-    train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.rand_augment, use_prefetcher=True,
-                                interpolation='bicubic', scale=(0.08, 1.0), hflip=0.5, mean=mean, std=std)
-    val_tf = transforms.Compose([
+def make_transforms(cfg, mean, std):
+    """USI's training transform (timm's: crop 0.08-1, flip, RandAugment, bicubic) and the 0.95-crop evaluation,
+    both ending in uint8 tensors: device_batches normalizes them on the device."""
+    train_transform = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.rand_augment,
+                                       use_prefetcher=True, interpolation='bicubic', scale=(0.08, 1.0), hflip=0.5,
+                                       mean=mean, std=std)
+    val_transform = transforms.Compose([
         transforms.Resize(round(cfg.img_size / cfg.test_crop_ratio), transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(cfg.img_size), transforms.PILToTensor()])
-    train_tf, val_tf = (Draw(train_tf), Draw()) if cfg.data_pipeline == 'device' else (train_tf, val_tf)
+        transforms.CenterCrop(cfg.img_size),
+        transforms.PILToTensor()])
+    if cfg.data_pipeline == 'device':
+        # The workers read the bytes and draw the same augmentation; device_data applies it to whole batches.
+        return Draw(train_transform), Draw()
+    return train_transform, val_transform
+
+
+def to_rgb(image):
+    """Fashion-MNIST is grey: timm's transforms and models take three channels."""
+    return image.convert('RGB')
+
+
+def torchvision_datasets(cfg, train_transform, val_transform):
+    """--data fashion-mnist or cifar10, found in (or downloaded to) --data_dir."""
+    builder = datasets.CIFAR10
+    if cfg.data == 'fashion-mnist':
+        builder = datasets.FashionMNIST
+    try:
+        train_set = builder(cfg.data_dir, train=True, transform=transforms.Compose([to_rgb, train_transform]),
+                            download=True)
+        val_set = builder(cfg.data_dir, train=False, transform=transforms.Compose([to_rgb, val_transform]),
+                          download=True)
+    except Exception as e:
+        raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} ({str(e).splitlines()[0]}); "
+                   f"python quickstart.py finds or fetches Fashion-MNIST, also offline")
+    return train_set, val_set
+
+
+def image_folders(cfg, train_transform, val_transform):
+    """--data DIR: ImageFolders DIR/train and DIR/val, with the same class folders (DIR/val alone to evaluate)."""
+    loader = datasets.folder.default_loader
+    if cfg.data_pipeline == 'device':
+        loader = read_file
+    splits = {'train': train_transform, 'val': val_transform}
+    if cfg.eval_checkpoint:
+        splits = {'val': val_transform}
+    for split in splits:
+        if not os.path.isdir(os.path.join(cfg.data, split)):
+            raise Fail(f"--data {cfg.data}: no {split}/ folder (expected an ImageFolder root with train/ and val/)")
+    folders = {}
+    try:
+        for split, transform in splits.items():
+            folders[split] = datasets.ImageFolder(os.path.join(cfg.data, split), transform=transform, loader=loader)
+    except (FileNotFoundError, OSError) as e:
+        # ImageNet's val/ ships flat: images, no class folders.
+        flat = ''
+        if 'class folder' in str(e):
+            flat = "; sort val/ into class folders (README, 'ImageNet')"
+        raise Fail(f"--data {cfg.data}: {str(e).split('. Supported')[0]}{flat}")
+    train_set = folders.get('train')
+    val_set = folders['val']
+    if train_set and train_set.classes != val_set.classes:
+        raise Fail(f"--data {cfg.data}: train/ has {len(train_set.classes)} classes, val/ has "
+                   f"{len(val_set.classes)}, and they must be the same folders")
+    return train_set, val_set
+
+
+def make_datasets(cfg, mean, std):
+    """(train_set, val_set, num_classes): uint8 images, augmented for training as USI does (see make_transforms);
+    train_set is None where only val/ is evaluated."""
+    train_transform, val_transform = make_transforms(cfg, mean, std)
     if cfg.data in ('fashion-mnist', 'cifar10'):
-        builder = datasets.FashionMNIST if cfg.data == 'fashion-mnist' else datasets.CIFAR10  # made RGB, for timm
-        train_tf, val_tf = (transforms.Compose([lambda img: img.convert('RGB'), t]) for t in (train_tf, val_tf))
-        try:
-            train_set, val_set = (builder(cfg.data_dir, train=split, transform=tf, download=True)
-                                  for split, tf in ((True, train_tf), (False, val_tf)))
-        except Exception as e:
-            raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} ({str(e).splitlines()[0]}); "
-                       f"python quickstart.py finds or fetches Fashion-MNIST, also offline")
+        train_set, val_set = torchvision_datasets(cfg, train_transform, val_transform)
     else:
-        loader = read_file if cfg.data_pipeline == 'device' else datasets.folder.default_loader
-        splits = {'val': val_tf} if cfg.eval_checkpoint else {'train': train_tf, 'val': val_tf}  # eval: val/ alone
-        for split in splits:
-            if not os.path.isdir(os.path.join(cfg.data, split)):
-                raise Fail(f"--data {cfg.data}: no {split}/ folder (expected an ImageFolder root with train/ and val/)")
-        try:
-            sets = {split: datasets.ImageFolder(os.path.join(cfg.data, split), transform=tf, loader=loader)
-                    for split, tf in splits.items()}
-        except (FileNotFoundError, OSError) as e:  # ImageNet's val/ ships flat: images, no class folders
-            flat = "; sort val/ into class folders (README, 'ImageNet')" if 'class folder' in str(e) else ''
-            raise Fail(f"--data {cfg.data}: {str(e).split('. Supported')[0]}{flat}")
-        train_set, val_set = sets.get('train'), sets['val']
-        if train_set and train_set.classes != val_set.classes:
-            raise Fail(f"--data {cfg.data}: train/ has {len(train_set.classes)} classes, val/ has "
-                       f"{len(val_set.classes)}, and they must be the same folders")
+        train_set, val_set = image_folders(cfg, train_transform, val_transform)
     if train_set and cfg.train_subset and cfg.train_subset < len(train_set):
+        # The same subset for every run and seed: the generator's seed is 0, not --seed.
         subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:cfg.train_subset]
         train_set = torch.utils.data.Subset(train_set, subset.tolist())
     return train_set, val_set, len(val_set.classes)
@@ -218,21 +294,33 @@ def make_datasets(cfg, mean, std):
 
 def make_loader(dataset, batch, cfg, rank, sampler=None):
     """Persistent workers; a hung one raises after --loader_timeout; a generator that leaves the global RNG be."""
+    collate_fn = None
+    if cfg.data_pipeline == 'device':
+        collate_fn = collate
+    timeout = 0
+    if cfg.workers:
+        timeout = cfg.loader_timeout
     return torch.utils.data.DataLoader(
         RobustDataset(dataset), batch_size=batch, sampler=sampler, drop_last=sampler is not None,
         num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
-        timeout=cfg.loader_timeout if cfg.workers else 0, worker_init_fn=worker_init,
-        collate_fn=collate if cfg.data_pipeline == 'device' else None,
+        timeout=timeout, worker_init_fn=worker_init, collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(cfg.seed + rank))
 
 
 # ------------------------------- the USI step, AdamW + one-cycle, evaluation (bench.py and the tests use these too)
 
+def one_hot_targets(num_classes):
+    """Without mixup and cutmix, the targets are the labels one-hot, as Mixup would make them."""
+    def unmixed(images, labels):
+        return images, torch.nn.functional.one_hot(labels, num_classes).float()
+    return unmixed
+
+
 def make_mixup(cfg, num_classes):
     """Batch-wise mixup (alpha 0.8) or cutmix (alpha 1.0), one of the two per batch, no label smoothing:
     KD replaces label smoothing (Table 1). correct_lam makes cutmix's lambda the pasted box's true area."""
     if cfg.mixup == 0 and cfg.cutmix == 0:
-        return lambda x, y: (x, torch.nn.functional.one_hot(y, num_classes).float())
+        return one_hot_targets(num_classes)
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, switch_prob=0.5, mode='batch',
                  correct_lam=True, label_smoothing=0.0, num_classes=num_classes)
 
@@ -242,17 +330,29 @@ def train_step(model, teacher, images, labels, mixup_fn, optimizer, scheduler, c
     `accum_steps` micro-batches (BatchNorm sees those). Returns the mean (ce, kd); reading them syncs the device."""
     optimizer.zero_grad(set_to_none=True)
     losses = torch.zeros(2, device=images.device)
-    for micro_step, (images, labels) in enumerate(zip(images.chunk(accum_steps), labels.chunk(accum_steps))):
-        images, mixed_target = mixup_fn(images, labels)  # pairs within the micro-batch
+    micro_batches = zip(images.chunk(accum_steps), labels.chunk(accum_steps))
+    for micro_step, (images, labels) in enumerate(micro_batches):
+        # Mixup pairs images within the micro-batch.
+        images, mixed_target = mixup_fn(images, labels)
         # The teacher sees exactly the student's mixed batch: its soft labels then describe the image the
         # student is actually shown, including the mixed-in one, instead of a mixup of two clean predictions.
-        teacher_logits = teacher(images) if teacher is not None else None
-        model.require_backward_grad_sync = micro_step == accum_steps - 1  # DDP all-reduces at the last (nanoGPT)
+        teacher_logits = None
+        if teacher is not None:
+            teacher_logits = teacher(images)
+        # DDP all-reduces the gradients once, at the last micro-batch (as nanoGPT does).
+        model.require_backward_grad_sync = micro_step == accum_steps - 1
         with autocast:
             student_logits = model(images)
         ce = SoftTargetCrossEntropy()(student_logits.float(), mixed_target)
-        kd = kd_loss(student_logits, teacher_logits, cfg.kd_tau) if teacher is not None else torch.zeros_like(ce)
-        ((kd if math.isinf(cfg.alpha_kd) else ce + cfg.alpha_kd * kd) / accum_steps).backward()
+        kd = torch.zeros_like(ce)
+        if teacher is not None:
+            kd = kd_loss(student_logits, teacher_logits, cfg.kd_tau)
+        if math.isinf(cfg.alpha_kd):
+            # --alpha_kd inf: the teacher's soft labels alone.
+            loss = kd
+        else:
+            loss = ce + cfg.alpha_kd * kd
+        (loss / accum_steps).backward()
         losses += torch.stack([ce, kd]).detach() / accum_steps
     optimizer.step()
     scheduler.step()
@@ -263,34 +363,45 @@ def make_optimizer(model, cfg, total_steps):
     """AdamW without decay on biases, norms and the model's no_weight_decay() (a ViT's pos_embed, cls_token), as
     timm's create_optimizer_v2 and the authors' code; one-cycle lr per step, not scaled with the batch (the paper
     trains 512 to 3456 at 2e-3), cycling Adam's beta1 too (0.95-0.85), as the authors' code does."""
-    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip),
-                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=next(model.parameters()).is_cuda)
-    pct_start = cfg.pct_start if cfg.pct_start * total_steps != 1 else 2 / total_steps  # torch divides by this - 1
-    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
-                                                          pct_start=pct_start)
+    skip = ()
+    if hasattr(model, 'no_weight_decay'):
+        skip = model.no_weight_decay()
+    param_groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    fused = next(model.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    pct_start = cfg.pct_start
+    if pct_start * total_steps == 1:
+        # OneCycleLR divides by the warmup's steps less one: a warmup of 1 step gets a second one.
+        pct_start = 2 / total_steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                                    pct_start=pct_start)
+    return optimizer, scheduler
 
 
 def make_ema(model, cfg, total_steps):
     """The authors' EMA with timm's warmup (power 3/4), its clock sped up total_steps / 25,000 times (1 / (1 - decay))
     on longer runs: 300 ImageNet epochs reach 0.99996 at 7% of the run, not after 731,000 steps; short runs as timm."""
-    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4,
-                      warmup_gamma=min(1.0, 1 / ((1 - cfg.ema_decay) * total_steps)))
+    warmup_gamma = min(1.0, 1 / ((1 - cfg.ema_decay) * total_steps))
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4, warmup_gamma=warmup_gamma)
 
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
     """(top-1, top-5 in percent, images) over all batches, summed over ranks (each holds its own shard)."""
     model.eval()
-    stats = torch.zeros(3, device=device, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    # Top-1 hits, top-5 hits and images, counted on the device: no copy to the host per batch.
+    stats = torch.zeros(3, device=device, dtype=torch.float64)
     for images, labels, _ in batches:
         with autocast:
             logits = model(images)
-        hits = logits.float().topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        stats += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_full((), len(labels))])  # no copy
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels[:, None]
+        stats += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), labels.new_full((), len(labels))])
     if dist.is_initialized():
         dist.all_reduce(stats)
-    return (100 * stats[0] / stats[2]).item(), (100 * stats[1] / stats[2]).item(), int(stats[2])
+    top1 = (100 * stats[0] / stats[2]).item()
+    top5 = (100 * stats[1] / stats[2]).item()
+    return top1, top5, int(stats[2])
 
 
 def trial_steps(model, teacher, batch, cfg, num_classes, device, autocast):
@@ -299,24 +410,50 @@ def trial_steps(model, teacher, batch, cfg, num_classes, device, autocast):
     optimizer, scheduler = make_optimizer(trial, cfg, total_steps=2)
     images = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    for _ in range(2):  # channels-last makes a fresh copy each time: mixup mixes in place
-        train_step(trial, teacher, images.contiguous(memory_format=torch.channels_last), labels,
-                   make_mixup(cfg, num_classes), optimizer, scheduler, cfg, autocast)
+    mixup_fn = make_mixup(cfg, num_classes)
+    for _ in range(2):
+        # Mixup mixes in place: channels-last makes a fresh copy each time.
+        fresh_images = images.contiguous(memory_format=torch.channels_last)
+        train_step(trial, teacher, fresh_images, labels, mixup_fn, optimizer, scheduler, cfg, autocast)
 
+
+# ------------------------------------------------------------------------------------------------- the run
 
 def setup(cfg):
     """DDP from torchrun's environment, else one process. Returns (rank, world, device, log)."""
-    rank, local_rank, world = (int(os.getenv(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
-    device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda':
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device = torch.device('cpu')
+    if torch.cuda.is_available():
+        device = torch.device(f'cuda:{local_rank}')
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if world > 1:
-        init_process_group('nccl' if device.type == 'cuda' else 'gloo', rank, world, cfg.dist_timeout)
-    log = print if rank == 0 else (lambda *a, **k: None)
+        backend = 'gloo'
+        if device.type == 'cuda':
+            backend = 'nccl'
+        init_process_group(backend, rank, world, cfg.dist_timeout)
+    log = print
+    if rank != 0:
+        log = print_nothing
     log(f"config: {json.dumps(vars(cfg))}\nprocesses: {world}, device: {device}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     return rank, world, device, log
+
+
+def print_nothing(*args, **kwargs):
+    """The log of ranks other than 0."""
+
+
+def normalization(model_name):
+    """(mean, std) of the model's own timm config: each student sees its images normalized as it expects."""
+    data_cfg = timm.get_pretrained_cfg(model_name)
+    if data_cfg is None:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return data_cfg.mean, data_cfg.std
 
 
 def evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, std, memory_format, log):
@@ -326,10 +463,14 @@ def evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, st
     val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
     # timm's validate.py batch: there are no gradients to hold.
     val_loader = make_loader(val_shard, 256, cfg, rank)
-    augment = Augment(cfg.img_size, False, mean, cfg.test_crop_ratio) if cfg.data_pipeline == 'device' else None
+    augment = None
+    if cfg.data_pipeline == 'device':
+        augment = Augment(cfg.img_size, False, mean, cfg.test_crop_ratio)
     try:
         ckpt = read_checkpoint(cfg.eval_checkpoint)
-        trained = ckpt.get('config', {}) if isinstance(ckpt, dict) else {}
+        trained = {}
+        if isinstance(ckpt, dict):
+            trained = ckpt.get('config', {})
         model_kwargs = cfg.model_kwargs or trained.get('model_kwargs', {})
         model = create_model(cfg.model, cfg.img_size, num_classes, **model_kwargs)
         model = model.to(device, memory_format=memory_format)
@@ -343,151 +484,215 @@ def evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, st
             batches = device_batches(val_loader, device, mean, std, memory_format, augment)
             top1, top5, _ = evaluate(model, batches, device, autocast)
             log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-    except ValueError as e:  # a missing or unreadable file, another model or size (load_weights says which)
+    except ValueError as e:
+        # A missing or unreadable file, another model or size: load_weights says which.
         raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
 
 
 def main(argv):
     cfg = get_config(argv)
-    # A size or a model argument the architecture cannot take is one line here, before anything is loaded or written.
-    if not timm.is_model(cfg.model):
-        raise Fail(f"unknown model '{cfg.model}' (not in timm.list_models())")
-    teacher_by_name = cfg.teacher != 'none' and not cfg.teacher_checkpoint and not cfg.eval_checkpoint
-    try:
-        check_input_size(cfg.model, cfg.img_size, **cfg.model_kwargs)
-        if teacher_by_name and timm.is_model(cfg.teacher):
-            check_input_size(cfg.teacher, cfg.img_size)
-    except ValueError as e:
-        raise Fail(str(e))
+    check_models(cfg)
     rank, world, device, log = setup(cfg)
     on_cuda = device.type == 'cuda'
     autocast = torch.autocast('cuda', dtype=torch.bfloat16, enabled=on_cuda)
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    last_path, best_path, log_path = (os.path.join(cfg.out_dir, f) for f in ('last.pt', 'best.pt', 'log.jsonl'))
+    memory_format = torch.contiguous_format
+    if on_cuda:
+        memory_format = torch.channels_last
+    last_path = os.path.join(cfg.out_dir, 'last.pt')
+    best_path = os.path.join(cfg.out_dir, 'best.pt')
+    log_path = os.path.join(cfg.out_dir, 'log.jsonl')
 
-    # data, student and teacher: the student's images are normalized the way its own timm config says
-    data_cfg = timm.get_pretrained_cfg(cfg.model)
-    mean, std = (data_cfg.mean, data_cfg.std) if data_cfg else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    # Data: the student's images are normalized the way its own timm config says.
+    mean, std = normalization(cfg.model)
     train_set, val_set, num_classes = make_datasets(cfg, mean, std)
-    if cfg.eval_checkpoint:  # evaluate and exit (needs val/ alone: no train set, batch search or teacher)
-        return evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, std, memory_format, log)
-    try:  # the teacher (compiled after the batch search, which runs shapes training never will), then the student
+    if cfg.eval_checkpoint:
+        # Evaluate and exit: val/ alone, no training set, batch search or teacher.
+        evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, std, memory_format, log)
+        return
+
+    # The teacher, then the student. The teacher is compiled after the batch search, which runs shapes that
+    # training never will.
+    try:
         teacher = None
         if cfg.teacher != 'none':
             teacher = load_teacher(cfg.teacher, cfg.teacher_checkpoint or None, num_classes, cfg.img_size)
             teacher = prepare_teacher(teacher, mean, std, device)
-        # Determinism contract: SEED fixes the initial weights (the same on every rank); SEED + rank each rank's RNGs
-        # (mixup/cutmix, drop-path) and loader generators; (SEED, epoch, position) each sample's augmentation, the epoch
-        # the order, 0 the --train_subset. A resumed run restores every RNG state from last.pt: bit for bit the same.
+        # Determinism: SEED fixes the initial weights (the same on every rank); SEED + rank each rank's RNGs
+        # (mixup/cutmix, drop-path) and loader generators; (SEED, epoch, position) each sample's augmentation, the
+        # epoch the order, 0 the --train_subset. A resumed run restores every RNG state from last.pt: bit for bit.
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, cfg.img_size, num_classes, cfg.pretrained, **cfg.model_kwargs)
         if cfg.init_checkpoint:
             model = load_weights(model, cfg.init_checkpoint, new_head=True)
-    except Exception as e:  # distill.py's one-line ValueErrors (a missing file, another model), a failed download
+    except Exception as e:
+        # distill.py's one-line ValueErrors (a missing file, another model), a failed download.
         raise Fail(str(e).splitlines()[0])
     model = model.to(device, memory_format=memory_format)
-    torch.manual_seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
 
-    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # disjoint, uneven: see evaluate
-    augment = {split: Augment(cfg.img_size, split == 'train', mean, cfg.test_crop_ratio)
-               for split in ('train', 'val')} if cfg.data_pipeline == 'device' else {}
-    val_batches = lambda: device_batches(val_loader, device, mean, std, memory_format, augment.get('val'))  # noqa
-
-    # batch and loaders: --batch_size is the global batch, split over the processes, each in `accum` micro-batches
-    global_batch, accum = batch_sizes(cfg, world, last_path, device, log,
-                                      lambda b: trial_steps(model, teacher, b, cfg, num_classes, device, autocast))
+    # Batch and loaders: --batch_size is the global batch, split over the processes, each in `accum` micro-batches.
+    trial = functools.partial(trial_steps, model, teacher, cfg=cfg, num_classes=num_classes, device=device,
+                              autocast=autocast)
+    global_batch, accum = batch_sizes(cfg, world, last_path, device, log, trial)
     batch = global_batch // world
-    if global_batch % world or batch % accum or (batch // accum % 2 and (cfg.mixup or cfg.cutmix)):
+    uneven = global_batch % world or batch % accum
+    odd_pairs = batch // accum % 2 and (cfg.mixup or cfg.cutmix)
+    if uneven or odd_pairs:
         raise Fail(f"--batch_size {global_batch} over {world} processes and {accum} micro-batches: each part must be "
                    f"whole, and even for mixup/cutmix, which pair images")
     train_sampler = SeededSampler(train_set, cfg.aug_repeats, world, rank, cfg.seed, accum, batch // accum)
     train_loader = make_loader(train_set, batch, cfg, rank, sampler=train_sampler)
+    # Each rank evaluates its own shard, disjoint and uneven: evaluate sums them.
+    val_shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
     val_loader = make_loader(val_shard, batch, cfg, rank)
-    steps_per_epoch, total_steps = len(train_loader), cfg.epochs * len(train_loader)
+    augment = {}
+    if cfg.data_pipeline == 'device':
+        augment['train'] = Augment(cfg.img_size, True, mean, cfg.test_crop_ratio)
+        augment['val'] = Augment(cfg.img_size, False, mean, cfg.test_crop_ratio)
+    val_batches = functools.partial(device_batches, val_loader, device, mean, std, memory_format, augment.get('val'))
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise Fail(f"{len(train_sampler)} training images per process are fewer than the batch of {batch}")
-    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data: "
-        f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch")
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"model: {cfg.model}, {parameters:.2f}M parameters; data: {len(train_set)} train / {len(val_set)} val "
+        f"images, {num_classes} classes, {steps_per_epoch} steps/epoch")
 
-    # optimizer, and what a checkpoint holds; resume() restores it (and refuses another run's last.pt)
-    optimizer, scheduler, ema = *make_optimizer(model, cfg, total_steps), make_ema(model, cfg, total_steps)
+    # Optimizer and EMA, and what a checkpoint holds: their states and what identifies the run.
+    optimizer, scheduler = make_optimizer(model, cfg, total_steps)
+    ema = make_ema(model, cfg, total_steps)
     stateful = {'model': model, 'ema': ema.module, 'optimizer': optimizer, 'scheduler': scheduler}
     run = {'config': dict(vars(cfg), batch_size=global_batch), 'num_classes': num_classes, 'rank': rank,
            'train_images': len(train_set), 'total_steps': total_steps, 'world_size': world, 'accum_steps': accum}
-    progress = resume(last_path if cfg.resume else None, run, stateful, log_path, log)
 
-    if teacher is not None:  # checked on the validation set before a single step is spent
+    # Resume: resume() restores the states from last.pt (and refuses another run's); the loop's state follows.
+    saved = resume(last_path if cfg.resume else None, run, stateful, log_path, log)
+    start_epoch = saved['epoch']
+    step = saved['step']
+    epoch_step = saved['epoch_step']
+    best_top1 = saved['best']['top1']
+    best_epoch = saved['best']['epoch']
+    best_raw_better = saved['best'].get('raw_better', True)
+    loss_sum = saved['loss_sum'].to(device)
+    bad_files = saved['bad_files']
+
+    # The teacher is checked on the validation set before a single step is spent.
+    teacher_top1 = math.inf
+    if teacher is not None:
         teacher_top1, teacher_top5, _ = evaluate(teacher, val_batches(), device, autocast)
         log(f"teacher: {cfg.teacher}, val top-1 {teacher_top1:.2f}%, top-5 {teacher_top5:.2f}%, "
             f"{teacher.folded_bn} BatchNorms folded")
         if teacher_top1 < chance_threshold(num_classes):
             raise Fail(f"teacher {cfg.teacher} scores {teacher_top1:.2f}% top-1 on this validation set, near "
                        f"chance ({100 / num_classes:.2f}%): its weights did not load or fit this dataset")
-    # compiled with static shapes: the train batch, the validation batch and the last one compile in epoch 1
-    eval_model = train_model = torch.compile(model, dynamic=False) if cfg.compile and on_cuda else model
-    teacher = torch.compile(teacher, dynamic=False) if cfg.compile and on_cuda and teacher else teacher
-    train_model = DistributedDataParallel(train_model, device_ids=[device.index] if on_cuda else None) if world > 1 \
-        else train_model
-    mixup, watchdog = make_mixup(cfg, num_classes), Watchdog(cfg, device, rank, len(train_set), progress, log)
-    save_last = lambda: checkpoint(last_path, stateful, run, progress | {'loss_sum': loss_sum.cpu()})  # mid-epoch
+    # Compiled with static shapes: the train batch, the validation batch and the last one compile in epoch 1.
+    train_model = model
+    if cfg.compile and on_cuda:
+        train_model = torch.compile(model, dynamic=False)
+        if teacher is not None:
+            teacher = torch.compile(teacher, dynamic=False)
+    # Evaluated without DDP, whose buffer broadcast would hang on the uneven validation shards.
+    eval_model = train_model
+    if world > 1:
+        device_ids = None
+        if on_cuda:
+            device_ids = [device.index]
+        train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+    mixup = make_mixup(cfg, num_classes)
+    watchdog = Watchdog(cfg, device, rank, len(train_set), bad_files, step)
 
-    # training loop: fetch a batch, step, update the EMA, log; evaluate and checkpoint every epoch
-    t_start, first_step, loss_sum = time.time(), progress['step'], progress['loss_sum'].to(device)
-    for epoch in range(progress['epoch'], cfg.epochs):
+    # The loop: fetch a batch, step, update the EMA, log, then stop or checkpoint where the watchdog says.
+    # After each epoch: its record, evaluation of the raw and EMA weights, last.pt and best.pt.
+    t_start = time.time()
+    first_step = step
+    for epoch in range(start_epoch, cfg.epochs):
         train_model.train()
-        train_sampler.set_epoch(epoch, start=progress['epoch_step'] * batch)
-        t_epoch, t_log, epoch_start, step_log = time.time(), time.time(), progress['step'], progress['step']
-        for images, labels in watchdog.batches(device_batches(train_loader, device, mean, std, memory_format,
-                                                              augment.get('train'))):
+        train_sampler.set_epoch(epoch, start=epoch_step * batch)
+        t_epoch = time.time()
+        t_log = t_epoch
+        epoch_first_step = step
+        log_first_step = step
+        batches = device_batches(train_loader, device, mean, std, memory_format, augment.get('train'))
+        for images, labels in watchdog.batches(batches):
             ce, kd = train_step(train_model, teacher, images, labels, mixup, optimizer, scheduler, cfg, autocast, accum)
-            step = progress['step'] = progress['step'] + 1
-            progress['epoch_step'] += 1
+            step += 1
+            epoch_step += 1
             ema.update(model, step=step)
             loss_sum += torch.stack([ce, kd])
             if step % cfg.log_every == 0:
-                speed = (step - step_log) * global_batch / (time.time() - t_log)
+                speed = (step - log_first_step) * global_batch / (time.time() - t_log)
                 eta = (time.time() - t_start) / max(1, step - first_step) * (total_steps - step)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} ce {ce.item():.4f} kd {kd.item():.4f} "
                     f"lr {scheduler.get_last_lr()[0]:.2e} {speed:.0f} img/s eta {eta / 60:.1f} min")
-                t_log, step_log = time.time(), step
-            if watchdog.check(step, ce + kd, progress['epoch_step'] == steps_per_epoch, save_last):
-                return  # a stop signal: last.pt is written, and the run exits 0
-        if world > 1:  # the mean over ranks, as timm logs it: one all-reduce an epoch
+                t_log = time.time()
+                log_first_step = step
+            action = watchdog.check(step, ce + kd, epoch_end=epoch_step == steps_per_epoch)
+            if action is not None:
+                # A stop signal, or --ckpt_minutes since the last checkpoint: last.pt mid-epoch.
+                best = {'top1': best_top1, 'epoch': best_epoch, 'raw_better': best_raw_better}
+                progress = {'epoch': epoch, 'step': step, 'epoch_step': epoch_step, 'best': best,
+                            'loss_sum': loss_sum.cpu(), 'bad_files': bad_files}
+                checkpoint(last_path, stateful, run, progress)
+            if action == 'stop':
+                log(f"stopped by a signal at step {step}: last.pt written; --resume goes on from there")
+                return
+
+        # The epoch's record: its losses are the mean over ranks, as timm logs them (one all-reduce an epoch).
+        if world > 1:
             dist.all_reduce(loss_sum)
-        (ce_mean, kd_mean), _ = (loss_sum / (steps_per_epoch * world)).tolist(), loss_sum.zero_()
-        record = {'epoch': epoch + 1, 'step': progress['step'], 'train_ce': ce_mean, 'train_kd': kd_mean,
-                  'train_loss': kd_mean if math.isinf(cfg.alpha_kd) else ce_mean + cfg.alpha_kd * kd_mean,
-                  'lr': scheduler.get_last_lr()[0], 'bad_files': len(progress['bad_files']),
-                  'pil_decodes': augment['train'].pil_decodes if augment else 0,  # JPEGs the device's decoder refused
-                  'img_per_sec': (progress['step'] - epoch_start) * global_batch / (time.time() - t_epoch),
-                  'data_wait': watchdog.waited / (time.time() - t_epoch)}  # the share spent waiting for data
+        ce_mean, kd_mean = (loss_sum / (steps_per_epoch * world)).tolist()
+        loss_sum.zero_()
+        epoch_step = 0
+        if math.isinf(cfg.alpha_kd):
+            train_loss = kd_mean
+        else:
+            train_loss = ce_mean + cfg.alpha_kd * kd_mean
+        pil_decodes = 0
+        if augment:
+            # JPEGs the device's decoder refused, decoded by PIL instead.
+            pil_decodes = augment['train'].pil_decodes
+        epoch_seconds = time.time() - t_epoch
+        record = {'epoch': epoch + 1, 'step': step, 'train_ce': ce_mean, 'train_kd': kd_mean,
+                  'train_loss': train_loss, 'lr': scheduler.get_last_lr()[0], 'bad_files': len(bad_files),
+                  'pil_decodes': pil_decodes, 'img_per_sec': (step - epoch_first_step) * global_batch / epoch_seconds,
+                  'data_wait': watchdog.waited / epoch_seconds, 'val_top1': None, 'val_top5': None,
+                  'ema_top1': None, 'ema_top5': None, 'val_images': None}
         if record['data_wait'] > 0.2:
             log(f"warning: data-bound, {record['data_wait']:.0%} of the epoch waiting: raise --workers, use fast disks")
-        progress.update(epoch=epoch + 1, epoch_step=0)
 
-        # validate raw (not through DDP: its buffer broadcast would hang on the uneven validation shards) and EMA
-        # weights; the better of the two is what counts and what best.pt keeps
-        raw_better, record = True, record | dict.fromkeys('val_top1 val_top5 ema_top1 ema_top5 val_images'.split())
+        # Validate the raw and the EMA weights: the better of the two is what counts, and what best.pt keeps.
+        raw_better = True
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             top1, top5, val_images = evaluate(eval_model, val_batches(), device, autocast)
             ema_top1, ema_top5, _ = evaluate(ema.module, val_batches(), device, autocast)
             raw_better = top1 >= ema_top1
             record.update(val_top1=top1, val_top5=top5, ema_top1=ema_top1, ema_top5=ema_top5, val_images=val_images)
-            if max(top1, ema_top1) > progress['best']['top1']:
-                progress['best'] = {'top1': max(top1, ema_top1), 'epoch': epoch + 1, 'raw_better': raw_better}
-            if teacher is not None and max(top1, ema_top1) > teacher_top1:  # said once; it changes no training
+            if max(top1, ema_top1) > best_top1:
+                best_top1 = max(top1, ema_top1)
+                best_epoch = epoch + 1
+                best_raw_better = raw_better
+            if max(top1, ema_top1) > teacher_top1:
                 log(f"the student now beats its teacher ({max(top1, ema_top1):.2f}% > {teacher_top1:.2f}%): USI needs "
                     f"a teacher that outperforms the student (Section 2.3): bench.py --teachers, or --teacher none")
+                # Said once: it changes nothing in the training.
                 teacher_top1 = math.inf
         record['elapsed_s'] = time.time() - t_start
-        log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in list(record.items())[1:] if v is not None))
+        figures = [f"{key} {value:.4g}" for key, value in record.items() if key != 'epoch' and value is not None]
+        log(f"epoch {epoch + 1}: " + ", ".join(figures))
         if rank == 0:
             with open(log_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
-        for path in [last_path] + [best_path] * (progress['best']['epoch'] == epoch + 1):
-            checkpoint(path, stateful, run, progress | {'loss_sum': torch.zeros(2)}, raw_better)
+
+        best = {'top1': best_top1, 'epoch': best_epoch, 'raw_better': best_raw_better}
+        progress = {'epoch': epoch + 1, 'step': step, 'epoch_step': 0, 'best': best, 'loss_sum': torch.zeros(2),
+                    'bad_files': bad_files}
+        checkpoint(last_path, stateful, run, progress, raw_better)
+        if best_epoch == epoch + 1:
+            checkpoint(best_path, stateful, run, progress, raw_better)
     check_replicas_in_sync(model, log)
-    log(f"best val top-1 {progress['best']['top1']:.2f}% (epoch {progress['best']['epoch']})")
+    log(f"best val top-1 {best_top1:.2f}% (epoch {best_epoch})")
 
 
 if __name__ == '__main__':
