@@ -46,7 +46,8 @@ def fashion_mnist_from_debian(root, src=DEBIAN):
     for name in FILES:
         if os.path.isdir(src) and not os.path.exists(os.path.join(raw, name)):
             os.makedirs(raw, exist_ok=True)
-            tmp = os.path.join(raw, f'{name}.{os.getpid()}.tmp')  # runs started side by side write apart
+            # Runs started side by side write apart, and the file appears whole or not at all.
+            tmp = os.path.join(raw, f'{name}.{os.getpid()}.tmp')
             with gzip.open(os.path.join(src, name + '.gz')) as f, open(tmp, 'wb') as out:
                 shutil.copyfileobj(f, out)
             os.replace(tmp, os.path.join(raw, name))
@@ -64,8 +65,11 @@ def fashion_mnist(root):
         for split in (True, False):
             datasets.FashionMNIST(root, train=split, download=True)
         return
-    except Exception as e:  # offline: torchvision's mirrors are out of reach
-        offline = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:
+        # Offline: torchvision's mirrors are out of reach.
+        offline = type(e).__name__
+        if str(e):
+            offline = str(e).splitlines()[0]
     if not (shutil.which('apt-get') and shutil.which('dpkg-deb')):
         sys.exit(f"quickstart.py: error: no Fashion-MNIST in {root} and no download ({offline}); get it with "
                  f"'sudo apt-get install dataset-fashion-mnist' (Debian, Ubuntu) or on a machine with internet")
@@ -74,17 +78,23 @@ def fashion_mnist(root):
     with tempfile.TemporaryDirectory() as tmp:
         fetched = subprocess.run(['apt-get', 'download', 'dataset-fashion-mnist'], cwd=tmp, capture_output=True)
         debs = glob.glob(os.path.join(tmp, '*.deb'))
-        if fetched.returncode or not debs or subprocess.run(['dpkg-deb', '-x', debs[0], tmp]).returncode:
-            sys.exit(f"quickstart.py: error: apt-get download dataset-fashion-mnist failed; get Fashion-MNIST with "
-                     f"'sudo apt-get install dataset-fashion-mnist' or on a machine with internet")
-        fashion_mnist_from_debian(root, os.path.join(tmp, 'usr/share/datasets/fashion-mnist'))  # the package's path
+        unpacked = False
+        if fetched.returncode == 0 and debs:
+            unpacked = subprocess.run(['dpkg-deb', '-x', debs[0], tmp]).returncode == 0
+        if not unpacked:
+            sys.exit("quickstart.py: error: apt-get download dataset-fashion-mnist failed; get Fashion-MNIST with "
+                     "'sudo apt-get install dataset-fashion-mnist' or on a machine with internet")
+        # The package's own path, under the folder it was unpacked into.
+        fashion_mnist_from_debian(root, os.path.join(tmp, 'usr/share/datasets/fashion-mnist'))
 
 
 def fashion_mnist_root(flags):
     """Where train.py will look for Fashion-MNIST given these flags, read by its own parser, or None when --data
     names another dataset."""
     cfg = train.get_config(flags)
-    return os.path.normpath(os.path.join(HERE, cfg.data_dir)) if cfg.data == 'fashion-mnist' else None
+    if cfg.data != 'fashion-mnist':
+        return None
+    return os.path.normpath(os.path.join(HERE, cfg.data_dir))
 
 
 def read_log(run_dir):
@@ -95,14 +105,16 @@ def read_log(run_dir):
 
 def read_top1(run_dir):
     """(epoch, val top-1: the better of raw and EMA) for each validated epoch of a run's log.jsonl."""
-    return [(r['epoch'], max(r['val_top1'], r['ema_top1'])) for r in read_log(run_dir) if r['val_top1'] is not None]
+    validated = [record for record in read_log(run_dir) if record['val_top1'] is not None]
+    return [(record['epoch'], max(record['val_top1'], record['ema_top1'])) for record in validated]
 
 
 def finished(run_dir, epochs):
     """Whether a run was trained to its last epoch: log.jsonl ends with epoch `epochs`, and best.pt is there (the
     KD student's teacher is the teacher's best.pt)."""
-    if not os.path.exists(os.path.join(run_dir, 'log.jsonl')) or not os.path.exists(os.path.join(run_dir, 'best.pt')):
-        return False
+    for name in ('log.jsonl', 'best.pt'):
+        if not os.path.exists(os.path.join(run_dir, name)):
+            return False
     records = read_log(run_dir)
     return len(records) > 0 and records[-1]['epoch'] == epochs
 
@@ -179,19 +191,28 @@ def train_run(name, run_dir, args):
 
 
 def main(out='out/quickstart'):
-    out, flags = os.path.abspath(out), SMALL + os.environ.get('QUICKSTART_ARGS', '').split()  # later flags win
+    out = os.path.abspath(out)
+    # QUICKSTART_ARGS come after SMALL: argparse lets the later flag win.
+    flags = SMALL + os.environ.get('QUICKSTART_ARGS', '').split()
     os.makedirs(out, exist_ok=True)
-    if fashion_mnist_root(flags):  # not when QUICKSTART_ARGS points --data elsewhere
-        fashion_mnist(fashion_mnist_root(flags))
+    # Not when QUICKSTART_ARGS points --data elsewhere.
+    root = fashion_mnist_root(flags)
+    if root:
+        fashion_mnist(root)
     rows = []
+    curves = []
     for name, run_dir, run_flags in RUNS:
         run_dir = os.path.join(out, run_dir)
-        wall_time = train_run(name, run_dir, [*run_flags.format(out=out).split(), *flags, '--out_dir', run_dir])
+        args = [*run_flags.format(out=out).split(), *flags, '--out_dir', run_dir]
+        wall_time = train_run(name, run_dir, args)
         top1 = max(top1 for _, top1 in read_top1(run_dir))
         model = run_flags.split()[1]
         rows.append(f"| {name} | {model} | {top1:.2f}% | {wall_time} |")
-    print('\n| run | model | val top-1 (best of raw and EMA) | wall time |\n|---|---|---|---|\n' + '\n'.join(rows))
-    plot([(name, os.path.join(out, run_dir)) for name, run_dir, _ in RUNS], os.path.join(out, 'curves.png'))
+        curves.append((name, run_dir))
+    print('\n| run | model | val top-1 (best of raw and EMA) | wall time |')
+    print('|---|---|---|---|')
+    print('\n'.join(rows))
+    plot(curves, os.path.join(out, 'curves.png'))
 
 
 if __name__ == '__main__':
