@@ -325,11 +325,13 @@ def check_continues(ckpt, run, path):
                    f"resume on {ckpt['world_size']} processes with --accum_steps {saved_accum}")
 
 
-def worker_death(error):
-    """The error torch's SIGCHLD handler raised for a dead data worker, if it is `error` or its context: raised
-    wherever the main thread is, inside a queue's lock it surfaces as the lock's error ("release unlocked lock")."""
+def first_in_context(error, kind, text=''):
+    """`error`, or the first error of its context chain, that is a `kind` with `text` in its message; else None.
+    A signal's handler raises wherever the main thread is: inside a queue's lock (the main thread waits on the
+    helper thread's queue), what surfaces is the lock's own error ("release unlocked lock"), the signal's error
+    its context. torch's SIGCHLD handler raises a data worker's death so; Ctrl-C raises KeyboardInterrupt."""
     while error is not None:
-        if isinstance(error, RuntimeError) and 'DataLoader worker' in str(error):
+        if isinstance(error, kind) and text in str(error):
             return error
         error = error.__context__
     return None
@@ -376,7 +378,8 @@ class Watchdog:
             except StopIteration:
                 return
             except RuntimeError as e:
-                cause = str(worker_death(e) or e).splitlines()[0]
+                death = first_in_context(e, RuntimeError, 'DataLoader worker')
+                cause = str(death or e).splitlines()[0]
                 raise Fail(f"data loading failed at step {self.step}: {cause}") from None
             except (ConnectionError, EOFError) as e:
                 # The worker died while handing over a batch's shared memory.
@@ -564,6 +567,20 @@ def batch_sizes(cfg, world, last_path, device, log, trial):
     return cfg.batch_size, accum
 
 
+def stop_data_workers():
+    """Kills this process's data workers, which ignore SIGTERM (worker_init). torch's SIGCHLD handler, which would
+    report the kills, is silenced first: signal.signal first runs a pending handler, which may raise once more for
+    a worker that died already; then it is tried again."""
+    while True:
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            break
+        except RuntimeError:
+            continue
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """Every failure ends as one line, and the data workers go with it: they ignore SIGTERM (worker_init), so
@@ -574,18 +591,15 @@ def one_line_errors():
         yield
         if dist.is_initialized():
             dist.destroy_process_group()
+        # A run that ended well can still hold persistent data workers: multiprocessing's exit would send them
+        # SIGTERM, which they ignore, and then wait for them forever.
+        stop_data_workers()
     except BaseException as e:
-        # Silence torch's SIGCHLD handler, which would report the kills below. signal.signal first runs a pending
-        # handler, which may raise once more for a second dead worker: then it is tried again.
-        while True:
-            try:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                break
-            except RuntimeError:
-                continue
-        for worker in multiprocessing.active_children():
-            worker.kill()
-        death = worker_death(e)
+        stop_data_workers()
+        # Ctrl-C: the checkpoints written so far are kept, and --resume goes on from the last.
+        if first_in_context(e, KeyboardInterrupt) is not None:
+            raise Fail("interrupted (Ctrl-C); --resume goes on from the last last.pt") from None
+        death = first_in_context(e, RuntimeError, 'DataLoader worker')
         if death is not None:
             raise Fail(f"data loading failed: {str(death).splitlines()[0].strip()}") from None
         # A lost peer: torch's DistError, or a RuntimeError from gloo, which names its source file (/gloo/) in all

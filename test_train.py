@@ -1475,6 +1475,56 @@ def test_a_worker_death_raised_inside_a_lock_is_named(keep_stop_handlers):
     with pytest.raises(resilience.Fail, match=r'failed at step 7: DataLoader worker \(pid 123\) is killed by signal'):
         list(watchdog.batches(loader()))
 
+    def interrupted():
+        yield torch.zeros(2, 3, 8, 8), torch.zeros(2), [None, None]
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError('release unlocked lock')
+    # Ctrl-C raised inside the lock is Ctrl-C's one line, not a data loading failure.
+    with pytest.raises(resilience.Fail, match=r'interrupted \(Ctrl-C\)'):
+        with resilience.one_line_errors():
+            list(watchdog.batches(interrupted()))
+
+
+def test_ctrl_c_is_one_line(tiny_data, tmp_path):
+    """Ctrl-C (SIGINT) ends a run with one line that says how to go on, not a traceback."""
+    proc = start_train(*RUN, '--data', tiny_data, '--out_dir', str(tmp_path / 'run'), '--epochs', 20)
+    wait_for(lambda: os.path.exists(tmp_path / 'run' / 'last.pt'), proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    ended = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    one_line_error(ended, 'interrupted (Ctrl-C); --resume goes on from the last last.pt')
+
+
+KEPT = []
+
+
+def exit_holding_a_persistent_loader():
+    """A run that ends well while its persistent data workers are still alive (a loader it still holds)."""
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, num_workers=1, persistent_workers=True,
+                                         worker_init_fn=resilience.worker_init)
+    with resilience.one_line_errors():
+        KEPT.append((loader, iter(loader)))
+        next(KEPT[0][1])
+    # multiprocessing's exit joins the process's children, after SIGTERM, which data workers ignore.
+    multiprocessing.util._exit_function()
+
+
+def test_a_run_that_ends_well_does_not_wait_for_its_data_workers():
+    """Data workers ignore SIGTERM (so that preemption reaches the training loop first): at a normal end the run
+    kills those still alive, or multiprocessing's exit would wait for them forever (seen in --eval_checkpoint)."""
+    process = multiprocessing.get_context('fork').Process(target=exit_holding_a_persistent_loader)
+    process.start()
+    process.join(60)
+    waited = process.exitcode is None
+    if waited:
+        # Its worker ignores SIGTERM; killed, it would not keep this process (and pytest) waiting in turn.
+        for child in open(f'/proc/{process.pid}/task/{process.pid}/children').read().split():
+            os.kill(int(child), signal.SIGKILL)
+        process.kill()
+    assert not waited and process.exitcode == 0, 'the run waited for its data workers'
+
 
 def test_hung_worker_is_an_error(tmp_path):
     data = make_image_folder(tmp_path / 'data', train_per_class=8, val_per_class=2)
