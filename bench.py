@@ -25,7 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN as MEAN, IMAGENET_DEFAULT_STD as STD
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from distill import create_model, has_fast_bf16, prepare_teacher
+from distill import create_model, first_line, has_fast_bf16, prepare_teacher
 from resilience import find_max_batch, fits_in_memory, usable_batch
 
 # ----------------------------------------------------------------------------------------------- teachers and backbones
@@ -380,11 +380,6 @@ def kd_img_s(row):
     return row['train_kd_img_s'] or 0
 
 
-def first_line(error, width):
-    """An error as one table cell: the first line of its message, cut at `width` characters."""
-    return str(error).splitlines()[0][:width]
-
-
 def menu_row(name, plain, batch, timed, step, args, device):
     """One teacher of the menu, prepared as prepare_teacher leaves it, timed alone and in the student's KD step;
     `plain` is the student's step without KD."""
@@ -406,7 +401,7 @@ def menu_row(name, plain, batch, timed, step, args, device):
             row['note'] = f"out of memory at batch {batch}"
     except Exception as e:
         # For example a transformer that cannot take this --img_size.
-        row['note'] = f"fails: {first_line(e, 80)}"
+        row['note'] = f"fails: {first_line(e)[:80]}"
     if row['note']:
         row.update(teacher_img_s=None, train_kd_img_s=None, params_m=None)
     if row['train_kd_img_s'] is not None:
@@ -494,7 +489,7 @@ def table2_row(name, teacher, batch, timed, step, args):
         if not fits_in_memory(measure):
             row['note'] = f"out of memory at batch {batch}"
     except Exception as e:
-        row['note'] = f"fails: {first_line(e, 100)}"
+        row['note'] = f"fails: {first_line(e)[:100]}"
     return row
 
 

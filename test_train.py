@@ -2345,6 +2345,13 @@ def test_a_checkpoint_made_at_one_size_is_adapted_or_refused_at_another(colour_d
                    'was made for 32 px images and cannot be adapted to 48 px')
 
 
+def test_first_line_of_an_error_without_a_message():
+    """The one line of an error whose message is empty is its type (str(e).splitlines()[0] would raise)."""
+    from distill import first_line
+    assert first_line(OSError()) == 'OSError'
+    assert first_line(ValueError('one\ntwo')) == 'one'
+
+
 def test_load_weights_resamples_a_vits_position_embeddings(tmp_path):
     """load_weights adapts a checkpoint made at 224 px to a model built for 32 px exactly as timm adapts its
     pretrained weights: the same tensors timm's checkpoint_filter_fn makes."""

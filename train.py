@@ -31,8 +31,8 @@ from torchvision import datasets, transforms
 
 import resilience
 from device_data import Augment, Draw, collate, device_batches, read_file
-from distill import (chance_threshold, check_input_size, create_model, kd_loss, load_teacher, load_weights,
-                     prepare_teacher, read_checkpoint)
+from distill import (chance_threshold, check_input_size, create_model, first_line, kd_loss, load_teacher,
+                     load_weights, prepare_teacher, read_checkpoint)
 from resilience import (CHECK_EVERY, CKPT_MINUTES, DIST_TIMEOUT, LOADER_TIMEOUT, MAX_BAD_FILES, Fail, RobustDataset,
                         SeededSampler, Watchdog, check_replicas_in_sync, checkpoint, batch_sizes, init_process_group,
                         one_line_errors, resume, worker_init)
@@ -243,7 +243,7 @@ def torchvision_datasets(cfg, train_transform, val_transform):
         val_set = builder(cfg.data_dir, train=False, transform=transforms.Compose([to_rgb, val_transform]),
                           download=True)
     except Exception as e:
-        raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} ({str(e).splitlines()[0]}); "
+        raise Fail(f"could not find or download {cfg.data} into {cfg.data_dir} ({first_line(e)}); "
                    f"python quickstart.py finds or fetches Fashion-MNIST, also offline")
     return train_set, val_set
 
@@ -486,7 +486,7 @@ def evaluate_checkpoint(cfg, val_set, num_classes, rank, world, device, mean, st
             log(f"{cfg.eval_checkpoint} {name}: val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
     except ValueError as e:
         # A missing or unreadable file, another model or size: load_weights says which.
-        raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {str(e).splitlines()[0]}")
+        raise Fail(f"--eval_checkpoint {cfg.eval_checkpoint}: {first_line(e)}")
 
 
 def main(argv):
@@ -526,7 +526,7 @@ def main(argv):
             model = load_weights(model, cfg.init_checkpoint, new_head=True)
     except Exception as e:
         # distill.py's one-line ValueErrors (a missing file, another model), a failed download.
-        raise Fail(str(e).splitlines()[0])
+        raise Fail(first_line(e))
     model = model.to(device, memory_format=memory_format)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
