@@ -1578,16 +1578,14 @@ def rank_pids(launcher):
     return pids
 
 
-def seconds_to_exit(pid, proc, seconds=60):
-    """How long `pid` takes to exit from now (a zombie counts: torchrun reaps it when it gets there)."""
+def wait_for_exit(pid, proc, seconds=60):
+    """Waits until `pid` has exited (a zombie counts: torchrun reaps it when it gets there)."""
     def exited():
         try:
             return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] == 'Z'
         except OSError:
             return True
-    t0 = time.time()
     wait_for(exited, proc, seconds)
-    return time.time() - t0
 
 
 def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
@@ -1602,13 +1600,14 @@ def test_a_killed_rank_restarts_the_group_from_last_pt(tiny_data, tmp_path):
     wait_for(lambda: (s := saved(last)) is not None and s['epoch'] == 1, proc)
     ranks = rank_pids(proc)
     os.kill(ranks[1], signal.SIGKILL)
-    survivor_exit = seconds_to_exit(ranks[0], proc)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith('train.py: error:')]
+    # Rank 0 ended by itself, on the closed connection: not at a timeout, and not by torchrun's SIGKILL, which
+    # comes 30 s after its SIGTERM and leaves no error line. Under load that took 12 s on CI, 0.2-2.6 s here.
     assert len(errors) == 1 and errors[0].startswith('train.py: error: rank 0: lost contact with the other'), (
         stdout[-2000:] + stderr)
-    assert survivor_exit < 6 and 'Traceback' not in stderr, stderr  # 2.1-2.6 s measured; the old code took 7
+    assert 'Timed out' not in errors[0] and 'Traceback' not in stderr, stderr
     assert re.search(r'resume: \S+last.pt at epoch [1-7], step', stdout), stdout
     assert 'weights identical across 2 ranks: True' in stdout
     assert saved(last)['step'] == 12 * epochs and [r['epoch'] for r in read_log(out)] == list(range(1, epochs + 1))
@@ -1620,10 +1619,11 @@ def test_a_hung_rank_is_an_error_after_dist_timeout(tiny_data, tmp_path):
     wait_for(lambda: os.path.exists(os.path.join(out, 'log.jsonl')), proc)
     ranks = rank_pids(proc)
     os.kill(ranks[1], signal.SIGSTOP)  # alive and silent, as on a stuck GPU or a lost node
-    survivor_exit = seconds_to_exit(ranks[0], proc)
+    wait_for_exit(ranks[0], proc)
     os.kill(ranks[1], signal.SIGCONT)  # it then finds rank 0 gone (else torchrun's SIGKILL after 30 s)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and survivor_exit < 25, stderr[-3000:]
+    assert proc.returncode != 0, stderr[-3000:]
+    # Rank 0 gave up at --dist_timeout, which its error names, while rank 1 was still stopped.
     assert 'train.py: error: rank 0: lost contact with the other processes (Timed out waiting 10000ms' in stderr
     assert stderr.count('Traceback') == stderr.count('errors.ChildFailedError:') == 1, stderr  # torchrun's own
 
@@ -2018,7 +2018,7 @@ def test_device_batches_raise_the_helpers_failure_to_start(monkeypatch):
             raised.append(str(e))
     consumer = threading.Thread(target=loop, daemon=True)
     consumer.start()
-    consumer.join(timeout=1)
+    consumer.join(timeout=10)
     assert not consumer.is_alive(), 'the loop waits for a helper that died'
     assert raised == ['CUDA error: invalid device ordinal']
 
