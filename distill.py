@@ -6,6 +6,7 @@ BatchNorms folded into the convolutions, channels-last, bf16 and compiled, KD co
 instead of ~50%.
 """
 import contextlib
+import functools
 import sys
 
 import timm
@@ -62,6 +63,9 @@ def check_input_size(name, img_size, **model_kwargs):
     try:
         with torch.device('meta'):
             model = create_model(name, img_size, **model_kwargs)
+            for layer_name, layer in model.named_modules():
+                if type(layer).forward in PLAIN_CONVOLUTIONS:
+                    layer.register_forward_pre_hook(functools.partial(check_kernel_fits, layer_name))
             model(torch.empty(2, 3, img_size, img_size))
     except NotImplementedError:
         # An op without a meta kernel says nothing about the size: building the real model will tell.
@@ -74,6 +78,31 @@ def check_input_size(name, img_size, **model_kwargs):
         if model_kwargs:
             with_arguments = f" with --model_kwargs {model_kwargs}"
         raise ValueError(f"'{name}' cannot take {img_size} px images{with_arguments}: {first_line(e)}")
+
+
+# torch's own convolutions, whose padding is their padding attribute. timm's "same" convolutions pad in their
+# forward, and are left to the meta kernels.
+PLAIN_CONVOLUTIONS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def check_kernel_fits(layer_name, conv, inputs):
+    """A forward pre-hook: a convolution whose kernel is larger than its padded input fails, naming the layer.
+
+    Only recent releases of torch check this on the meta device, and requirements.txt allows torch 2.5, whose meta
+    convolution makes an empty output instead, so the real run would fail at its first step.
+    """
+    size = inputs[0].shape[2:]
+    padding = conv.padding
+    if padding == 'same':
+        return
+    if padding == 'valid':
+        padding = (0,) * len(size)
+    padded = [s + 2 * p for s, p in zip(size, padding)]
+    kernel = [d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(p < k for p, k in zip(padded, kernel)):
+        padded_text = ' x '.join(map(str, padded))
+        kernel_text = ' x '.join(map(str, kernel))
+        raise RuntimeError(f"layer {layer_name} has a {kernel_text} kernel, larger than its {padded_text} input")
 
 
 def first_line(error):

@@ -34,7 +34,7 @@ from PIL import Image
 import quickstart
 import resilience
 import train
-from distill import fuse_bn, kd_loss, load_teacher, prepare_teacher
+from distill import check_input_size, check_kernel_fits, fuse_bn, kd_loss, load_teacher, prepare_teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='')  # CPU runs, as on CI
@@ -2387,7 +2387,9 @@ def test_a_size_or_model_argument_the_architecture_cannot_take_is_one_line(tiny_
     """Refused before anything is loaded or written: no --out_dir is made."""
     out = tmp_path / 'never'
     common = ['--data', tiny_data, '--teacher', 'none', '--out_dir', out]
-    cases = [(['--model', 'vit_tiny_patch16_224', '--img_size', 8], "'vit_tiny_patch16_224' cannot take 8 px images"),
+    cases = [(['--model', 'vit_tiny_patch16_224', '--img_size', 8],
+              "'vit_tiny_patch16_224' cannot take 8 px images: layer patch_embed.proj has a 16 x 16 kernel, larger "
+              "than its 8 x 8 input"),
              (['--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_sise=4'],
               "unexpected keyword argument 'patch_sise'"),
              (['--model', 'vit_tiny_patch16_224', '--model_kwargs', 'patch_size=four'],
@@ -2397,6 +2399,19 @@ def test_a_size_or_model_argument_the_architecture_cannot_take_is_one_line(tiny_
     for args, message in cases:
         one_line_error(run_train(*common, *args, check=False), message)
         assert not out.exists()
+
+
+def test_the_kernel_check_follows_each_convolutions_padding():
+    """check_input_size's own check (torch's meta convolution makes it only in recent releases) refuses a kernel
+    larger than its padded input, and leaves alone convolutions that pad themselves ("same") or are padded."""
+    with pytest.raises(ValueError, match=r"'convnext_atto' cannot take 8 px images: layer stages.2.downsample.1 has "
+                                         r"a 2 x 2 kernel, larger than its 1 x 1 input$"):
+        check_input_size('convnext_atto', 8)
+    check_input_size('tf_efficientnet_b0', 8)  # timm's Conv2dSame: 5 x 5 kernels on 1 x 1 inputs, padded as it runs
+    check_input_size('resnet18', 1)  # 3 x 3 kernels on 1 x 1 inputs, padded by 1
+    dilated = nn.Conv2d(1, 1, 3, dilation=2)  # spans 5 x 5
+    with pytest.raises(RuntimeError, match='layer conv has a 5 x 5 kernel, larger than its 3 x 3 input'):
+        check_kernel_fits('conv', dilated, (torch.empty(1, 1, 3, 3),))
 
 
 def test_resume_refuses_other_model_arguments(colour_data, tmp_path):
