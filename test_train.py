@@ -828,6 +828,7 @@ def test_quickstart_unpacks_fashion_mnist_only_where_train_py_reads_it(monkeypat
     unpacked = []
     monkeypatch.setattr(quickstart, 'fashion_mnist', unpacked.append)
     monkeypatch.setattr(quickstart, 'RUNS', [])  # the flags alone, no training
+    monkeypatch.setattr(quickstart, 'plot', lambda runs, path: None)  # and no picture of no runs
     for args, root in (('', os.path.join(HERE, 'data')), ('--data /elsewhere', None), ('--data=cifar10', None),
                        ('--data_dir /d', '/d'), ('--data-dir=/e --data fashion-mnist', '/e')):
         monkeypatch.setenv('QUICKSTART_ARGS', args)
