@@ -113,7 +113,7 @@ paired = {
     'Table 2: one recipe, any backbone': [
         ('resnet10t (CNN)', 'r10t_kd', 'r10t_nokd'), ('mobilenetv3_small_100 (mobile)', 'alpha_5', 'alpha_0'),
         ('xcit_nano_12_p8_224 (transformer)', 'xcit_kd', 'xcit_nokd'),
-        ('vit_tiny_patch16_224, 8 px patches (transformer)', 'vit_kd', 'vit_nokd'),
+        ('vit_tiny_patch16_224, 8 px patches (plain ViT)', 'vit_kd', 'vit_nokd'),
         ('resmlp_12_224 (MLP)', 'resmlp_kd', 'resmlp_nokd')],
     'Table 5: patient teacher, mobilenetv3_small_100': [
         ('1x (10 epochs)', 'alpha_5', 'alpha_0'), ('2x (20 epochs)', 'patient_2x', 'patient_nokd_2x'),
