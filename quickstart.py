@@ -22,6 +22,7 @@ import time
 from torchvision import datasets
 
 import train
+from distill import first_line
 
 SMALL = ('--data fashion-mnist --img_size 32 --batch_size 128 --train_subset 10000 --epochs 10 --eval_every 1 '
          '--workers 2').split()
@@ -67,9 +68,7 @@ def fashion_mnist(root):
         return
     except Exception as e:
         # Offline: torchvision's mirrors are out of reach.
-        offline = type(e).__name__
-        if str(e):
-            offline = str(e).splitlines()[0]
+        offline = first_line(e)
     if not (shutil.which('apt-get') and shutil.which('dpkg-deb')):
         sys.exit(f"quickstart.py: error: no Fashion-MNIST in {root} and no download ({offline}); get it with "
                  f"'sudo apt-get install dataset-fashion-mnist' (Debian, Ubuntu) or on a machine with internet")

@@ -1039,7 +1039,10 @@ def test_quickstart_finds_or_fetches_fashion_mnist_in_order(tmp_path, monkeypatc
     monkeypatch.setattr(quickstart.datasets, 'FashionMNIST', download)
     monkeypatch.setattr(quickstart, 'DEBIAN', str(tmp_path / 'not_installed'))
     raw = lambda root: [os.path.exists(os.path.join(root, 'FashionMNIST', 'raw', n)) for n in quickstart.FILES]  # noqa
-    with pytest.raises(SystemExit, match="sudo apt-get install dataset-fashion-mnist"):  # no apt-get on PATH
+    # No apt-get on PATH: one line, naming why the download failed and what to install.
+    with pytest.raises(SystemExit, match=r"no download \(Error downloading train-images-idx3-ubyte.gz: <urlopen "
+                                         r"error \[Errno -3\] no network>\); get it with 'sudo apt-get install "
+                                         r"dataset-fashion-mnist'"):
         monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
         quickstart.fashion_mnist(str(tmp_path / 'none'))
     assert downloads == [True]
