@@ -2330,7 +2330,7 @@ def test_a_levit_teacher_folds_the_batchnorms_after_its_linear_layers(colour_dat
     after_linear = sum(isinstance(m, LinearNorm) for m in levit.modules())
     after_conv = sum(isinstance(m, ConvNorm) for m in levit.modules())
     assert after_linear > 0
-    assert f'teacher: levit_128s, val top-1 ' in proc.stdout
+    assert 'teacher: levit_128s, val top-1 ' in proc.stdout
     assert f'{after_linear + after_conv} BatchNorms folded' in proc.stdout
 
 
